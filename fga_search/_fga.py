@@ -1,0 +1,288 @@
+"""The filter-group-approximated convolution: a grouped kxk conv followed by a 1x1 conv.
+
+A conv with weight W of shape (n, c/G, kh, kw) (G = the conv's own ``groups``) is split, inside
+each of its G groups, into g equal groups of input channels. Each slice W_i, reshaped to an
+(n/G) x (c/(G*g)*kh*kw) matrix, is replaced by its best rank-r approximation U_i S_i V_i^T:
+
+* the grouped kxk conv (c -> G*g*r channels, ``groups=G*g``) holds sqrt(S_i) V_i^T;
+* the 1x1 conv (G*g*r -> n, ``groups=G``) holds U_i sqrt(S_i) and the original bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["FGAConv2d", "GroupSVD", "exact_rank", "group_svd"]
+
+
+def _pair(value: int | tuple[int, ...] | str, name: str) -> tuple[int, int] | str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return (value, value)
+    out = tuple(int(v) for v in value)
+    if len(out) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value!r}")
+    return (out[0], out[1])
+
+
+def exact_rank(
+    *, in_channels: int, out_channels: int, kernel_size: tuple[int, int], base_groups: int, groups: int
+) -> int:
+    """The rank above which the per-group factorisation is exact: min(n/G, c/(G*g)*kh*kw)."""
+    return min(
+        out_channels // base_groups,
+        in_channels // (base_groups * groups) * kernel_size[0] * kernel_size[1],
+    )
+
+
+def _validate_geometry(
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    base_groups: int,
+    groups: int,
+    rank: int,
+) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an int, got {rank!r}")
+    per_group = in_channels // base_groups
+    if per_group % groups != 0:
+        valid = [d for d in range(1, per_group + 1) if per_group % d == 0]
+        raise ValueError(
+            f"groups={groups} does not divide the {per_group} input channels per conv group "
+            f"(in_channels={in_channels}, conv groups={base_groups}); valid group counts: {valid}"
+        )
+    top = exact_rank(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        base_groups=base_groups,
+        groups=groups,
+    )
+    if rank < 1 or rank > top:
+        raise ValueError(f"rank={rank} is out of range for groups={groups}: valid ranks are 1..{top}")
+
+
+@dataclass(frozen=True)
+class GroupSVD:
+    """Per-group SVD factors of a conv weight, in float64.
+
+    ``u``: (G, g, n/G, m), ``s``: (G, g, m), ``vh``: (G, g, m, c/(G*g)*kh*kw) with m the full rank.
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+    def tail_energy(self, rank: int) -> torch.Tensor:
+        """Squared Frobenius error of the rank-``rank`` truncation, per group (Eckart-Young)."""
+        return (self.s[..., rank:] ** 2).sum(-1)
+
+    def relative_error(self, rank: int) -> float:
+        """Relative Frobenius error of the whole weight after truncating every group to ``rank``."""
+        total = float((self.s**2).sum())
+        if total == 0.0:
+            return 0.0
+        return math.sqrt(float(self.tail_energy(rank).sum()) / total)
+
+
+def group_svd(weight: torch.Tensor, *, base_groups: int, groups: int) -> GroupSVD:
+    """SVD of every (conv group, input group) slice of a conv weight, computed in float64."""
+    n, cg, kh, kw = weight.shape
+    if cg % groups != 0:
+        raise ValueError(f"groups={groups} does not divide the {cg} input channels per conv group")
+    w = weight.detach().to(torch.float64)
+    # (n, c/G, kh, kw) -> (G, n/G, g, c/(G*g)*kh*kw) -> (G, g, n/G, c/(G*g)*kh*kw)
+    w = w.reshape(base_groups, n // base_groups, groups, (cg // groups) * kh * kw).transpose(1, 2)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return GroupSVD(u=u, s=s, vh=vh)
+
+
+class FGAConv2d(nn.Module):
+    """A conv approximated by filter groups: ``pointwise(grouped(x))``.
+
+    ``grouped`` is a kxk conv with ``base_groups * groups`` groups of ``rank`` filters each;
+    ``pointwise`` is a 1x1 conv with ``base_groups`` groups that carries the bias.
+    Build one from a trained conv with :meth:`from_conv`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        groups: int,
+        rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        base_groups: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        ks = _pair(kernel_size, "kernel_size")
+        assert not isinstance(ks, str)
+        if in_channels % base_groups or out_channels % base_groups:
+            raise ValueError(
+                f"base_groups={base_groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
+        _validate_geometry(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=ks,
+            base_groups=base_groups,
+            groups=groups,
+            rank=rank,
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = ks
+        self.groups = groups
+        self.rank = rank
+        self.base_groups = base_groups
+        mid = base_groups * groups * rank
+        self.grouped = nn.Conv2d(
+            in_channels,
+            mid,
+            ks,
+            stride=_pair(stride, "stride"),  # type: ignore[arg-type]
+            padding=_pair(padding, "padding"),  # type: ignore[arg-type]
+            dilation=_pair(dilation, "dilation"),  # type: ignore[arg-type]
+            groups=base_groups * groups,
+            bias=False,
+            padding_mode=padding_mode,  # type: ignore[arg-type]
+            device=device,
+            dtype=dtype,
+        )
+        self.pointwise = nn.Conv2d(
+            mid, out_channels, 1, groups=base_groups, bias=bias, device=device, dtype=dtype
+        )
+        # Set by fga_search.refine: the layer's relative output error before and after refinement.
+        self.fit: object | None = None
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.grouped.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.grouped.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.grouped.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.grouped.padding_mode
+
+    @property
+    def exact_rank(self) -> int:
+        return exact_rank(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=self.kernel_size,
+            base_groups=self.base_groups,
+            groups=self.groups,
+        )
+
+    @classmethod
+    def shaped_like(cls, conv: nn.Conv2d, *, groups: int, rank: int) -> FGAConv2d:
+        """An untrained FGA layer with ``conv``'s geometry (stride, padding, dilation as full tuples)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            (int(conv.kernel_size[0]), int(conv.kernel_size[1])),
+            groups=groups,
+            rank=rank,
+            stride=tuple(conv.stride),  # type: ignore[arg-type]
+            padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),  # type: ignore[arg-type]
+            dilation=tuple(conv.dilation),  # type: ignore[arg-type]
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            base_groups=conv.groups,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, groups: int, rank: int) -> FGAConv2d:
+        """Approximate a trained ``conv`` by per-group truncated SVD. ``conv`` is not modified."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight
+        if not torch.isfinite(weight).all() or (
+            conv.bias is not None and not torch.isfinite(conv.bias).all()
+        ):
+            raise ValueError("conv has non-finite (NaN or inf) weights; cannot decompose it")
+        layer = cls.shaped_like(conv, groups=groups, rank=rank)
+        with torch.no_grad():
+            layer.load_factors(group_svd(weight, base_groups=conv.groups, groups=groups))
+            if conv.bias is not None:
+                assert layer.pointwise.bias is not None
+                layer.pointwise.bias.copy_(conv.bias)
+        return layer
+
+    @torch.no_grad()
+    def load_factors(self, svd: GroupSVD) -> None:
+        """Set both convs from per-group SVD factors truncated to this layer's rank."""
+        big_g, g, r = self.base_groups, self.groups, self.rank
+        kh, kw = self.kernel_size
+        root = svd.s[..., :r].sqrt()  # (G, g, r)
+        first = root.unsqueeze(-1) * svd.vh[..., :r, :]  # (G, g, r, c/(G g) kh kw)
+        first = first.reshape(big_g * g * r, self.in_channels // (big_g * g), kh, kw)
+        second = svd.u[..., :r] * root.unsqueeze(-2)  # (G, g, n/G, r)
+        # pointwise weight (n, g*r, 1, 1): output o of conv group G_j sees columns (i, k) for input group i.
+        second = second.permute(0, 2, 1, 3).reshape(self.out_channels, g * r, 1, 1)
+        self.grouped.weight.copy_(first)
+        self.pointwise.weight.copy_(second)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.grouped(x))
+
+    def to_dense(self) -> nn.Conv2d:
+        """Fold the pair back into one dense conv with the original geometry (exact up to rounding)."""
+        big_g, g, r = self.base_groups, self.groups, self.rank
+        kh, kw = self.kernel_size
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.grouped.stride,  # type: ignore[arg-type]
+            padding=self.grouped.padding,  # type: ignore[arg-type]
+            dilation=self.grouped.dilation,  # type: ignore[arg-type]
+            groups=big_g,
+            bias=self.pointwise.bias is not None,
+            padding_mode=self.grouped.padding_mode,
+            device=self.grouped.weight.device,
+            dtype=self.grouped.weight.dtype,
+        )
+        with torch.no_grad():
+            a = self.pointwise.weight.reshape(big_g, self.out_channels // big_g, g, r)  # (G, n/G, g, r)
+            b = self.grouped.weight.reshape(big_g, g, r, -1)  # (G, g, r, c/(Gg) k k)
+            w = torch.einsum("jnir,jirk->jnik", a, b)  # (G, n/G, g, c/(Gg) k k)
+            conv.weight.copy_(w.reshape(self.out_channels, self.in_channels // big_g, kh, kw))
+            if self.pointwise.bias is not None:
+                assert conv.bias is not None
+                conv.bias.copy_(self.pointwise.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"groups={self.groups}, rank={self.rank}, base_groups={self.base_groups}"
+        )

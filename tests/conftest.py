@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the tests' decoded-dataset and model caches out of the user's cache folder."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    assert (SHARED / "models" / "resnet56_cifar10.pt").is_file(), f"shared material missing at {SHARED}"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared JPEG CIFAR-10, extracted once per session (train/ and test/ ImageFolder trees)."""
+    out = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(shared / "data" / "cifar10-jpeg.tar.gz") as tar:
+        tar.extractall(out, filter="data")
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_dir: Path):  # type: ignore[no-untyped-def]
+    from fga_search import load_dataset
+
+    return load_dataset("imagefolder", data_dir=str(cifar_dir), seed=0)
+
+
+@pytest.fixture(scope="session")
+def resnet56(shared: Path):  # type: ignore[no-untyped-def]
+    from fga_search import build_model
+
+    return build_model("resnet56", num_classes=10, weights=shared / "models" / "resnet56_cifar10.pt")
