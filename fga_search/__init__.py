@@ -10,8 +10,10 @@ from ._data import DataBundle, load_dataset
 from ._fga import FGAConv2d
 from ._flops import FlopCount, ModelProfile, count_flops
 from ._geometry import LayerInfo, decomposable_layers
+from ._pareto import pareto_front
 from ._plan import KEEP, Plan, load_plan, plan_to_json
 from ._refine import LayerFit, refine, refinement_report
+from ._search import SearchResult, search
 from ._surgery import decompose
 from ._zoo import build_model, list_models, register_model
 
@@ -26,6 +28,7 @@ __all__ = [
     "LayerInfo",
     "ModelProfile",
     "Plan",
+    "SearchResult",
     "WeightsError",
     "__version__",
     "build_model",
@@ -35,8 +38,10 @@ __all__ = [
     "list_models",
     "load_dataset",
     "load_plan",
+    "pareto_front",
     "plan_to_json",
     "refine",
     "refinement_report",
     "register_model",
+    "search",
 ]

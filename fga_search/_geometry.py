@@ -21,7 +21,7 @@ class LayerInfo:
     """Geometry of one Conv2d and the FGA choices it admits.
 
     ``valid_groups`` are the divisors of the input channels per conv group; ``depthwise`` layers
-    (one input channel per conv group) cannot be compressed by FGA and are kept by default.
+    (grouped, one input channel per group) cannot be compressed by FGA and are kept by default.
     """
 
     name: str
@@ -84,7 +84,7 @@ def _layer_info(name: str, conv: nn.Conv2d) -> LayerInfo:
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
         valid_groups=tuple(divisors(per_group)),
-        depthwise=per_group == 1,
+        depthwise=per_group == 1 and conv.groups > 1,
     )
 
 

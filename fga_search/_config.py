@@ -1,0 +1,97 @@
+"""A search's settings, validated at the boundary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["BUDGET_METRICS", "SAMPLERS", "RunConfig"]
+
+SAMPLERS = ("nsga2", "tpe", "random")
+BUDGET_METRICS = ("flops", "params")
+BACKENDS = ("optuna", "ray")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a search run needs. ``model=None`` and ``dataset='digits'`` is the quickstart."""
+
+    out: str
+    model: str | None = None
+    weights: str | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    budget: float = 0.2
+    budget_metric: str = "flops"
+    trials: int = 40
+    epochs: float = 1.0
+    device: str | None = None
+    seed: int = 0
+    sampler: str = "nsga2"
+    population: int | None = None
+    timeout: float | None = None
+    batch_size: int = 128
+    lr: float = 0.02
+    workers: int = 0
+    space: str | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    val_fraction: float = 0.1
+    train_limit: int | None = None
+    val_limit: int | None = None
+    test_limit: int | None = None
+    image_size: int | None = None
+    calibration: int = 256
+    recalibration: int = 1024
+    strategy: str = "search"
+    warm_start: bool = True
+    backend: str = "optuna"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, why: str) -> None:
+            raise ValueError(f"--{name.replace('_', '-')} {why}, got {value!r}")
+
+        if not (
+            isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0 < self.budget <= 1
+        ):
+            bad("budget", self.budget, "must be in (0, 1]")
+        if self.budget_metric not in BUDGET_METRICS:
+            bad("budget_metric", self.budget_metric, f"must be one of {', '.join(BUDGET_METRICS)}")
+        if self.trials < 1:
+            bad("trials", self.trials, "must be >= 1")
+        if not (math.isfinite(self.epochs) and self.epochs >= 0):
+            bad("epochs", self.epochs, "must be a number >= 0")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", self.sampler, f"must be one of {', '.join(SAMPLERS)}")
+        if self.population is not None and self.population < 2:
+            bad("population", self.population, "must be >= 2")
+        if self.timeout is not None and self.timeout <= 0:
+            bad("timeout", self.timeout, "must be > 0 seconds")
+        if self.batch_size < 1:
+            bad("batch_size", self.batch_size, "must be >= 1")
+        if self.lr <= 0:
+            bad("lr", self.lr, "must be > 0")
+        if self.workers < 0:
+            bad("workers", self.workers, "must be >= 0")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", self.val_fraction, "must be in (0, 1)")
+        for name in ("train_limit", "val_limit", "test_limit", "image_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                bad(name, v, "must be >= 1")
+        if self.calibration < 1 or self.recalibration < 1:
+            bad("calibration", self.calibration, "and --recalibration must be >= 1")
+        if self.backend not in BACKENDS:
+            bad("backend", self.backend, f"must be one of {', '.join(BACKENDS)}")
+        if self.model is None and self.weights is not None:
+            raise ValueError("--weights needs --model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,412 @@
+"""The multi-objective search with the embedded Optuna backend.
+
+Each trial's parameters become a plan (``_space``), which is repaired into the budget
+analytically (``_setup.propose``) before any model is built; plans still over budget are
+recorded as infeasible and never fine-tuned. Feasible plans run as a ``TrialRunner`` trial. The
+study lives in ``study.db`` (or ``--storage``); ``trials.parquet`` is rewritten after every trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import os
+import signal
+import sys
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ._config import RunConfig
+from ._pareto import knee_index, pareto_mask
+from ._plan import load_plan
+from ._progress import Progress
+from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
+from ._runfolder import RunFolder
+from ._setup import Proposal, SearchSetup, prepare
+from ._study import (
+    count_finished,
+    make_sampler,
+    open_study,
+    recover_interrupted,
+    set_budget_constraint,
+    trial_row,
+)
+from ._surgery import apply_plan_structure
+from ._trial import TrialOutcome, TrialRunner
+
+__all__ = ["SearchResult", "front_rows", "run_search", "search"]
+
+PARETO_EXTRA = ("test_acc", "is_knee", "is_best")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    run_dir: str
+    trials: int
+    finished: int
+    front: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    baseline: dict[str, Any]
+
+
+def search(
+    *,
+    out: str,
+    model: str | None = None,
+    weights: str | None = None,
+    dataset: str = "digits",
+    data_dir: str | None = None,
+    budget: float = 0.2,
+    trials: int = 40,
+    epochs: float = 1.0,
+    **options: Any,
+) -> SearchResult:
+    """Run (or resume) a search; keyword arguments mirror the command line's options."""
+    unknown = set(options) - set(RunConfig.field_names())
+    if unknown:
+        raise ValueError(
+            f"unknown search option(s) {sorted(unknown)}; valid options: {RunConfig.field_names()}"
+        )
+    config = RunConfig(
+        out=out,
+        model=model,
+        weights=weights,
+        dataset=dataset,
+        data_dir=data_dir,
+        budget=budget,
+        trials=trials,
+        epochs=epochs,
+        **options,
+    )
+    return run_search(config)
+
+
+def trial_seed(config: RunConfig, number: int) -> int:
+    return (config.seed * 1_000_003 + number) % (2**31)
+
+
+def front_rows(rows: list[dict[str, Any]], *, budget: float | None = None) -> list[dict[str, Any]]:
+    """Non-dominated rows (validation accuracy up, FLOPs ratio down) among finished, fitting trials."""
+    ok = [
+        r
+        for r in rows
+        if r.get("state") == "COMPLETE"
+        and r.get("status") in ("ok", "duplicate")
+        and r.get("within_budget")
+        and r.get("val_acc") is not None
+    ]
+    if not ok:
+        return []
+    mask = pareto_mask([r["val_acc"] for r in ok], [r["flops_ratio"] for r in ok])
+    front = sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["flops_ratio"])
+    return front
+
+
+@contextmanager
+def _locked(folder: RunFolder) -> Iterator[None]:
+    os.makedirs(folder.path, exist_ok=True)
+    with open(folder.file(".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"run folder {folder.path} is in use by another fga-search process") from None
+        yield
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@dataclass
+class _Result:
+    status: str  # ok, infeasible, duplicate, failed, interrupted
+    values: list[float] | None  # objective values to tell, None for a failed trial
+    extra: dict[str, Any]  # recorded beside the proposal
+    outcome: TrialOutcome | None = None
+
+
+def _raise_interrupted(signum: int, frame: types.FrameType | None) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _baseline(setup: SearchSetup, runner: TrialRunner) -> dict[str, Any]:
+    p = setup.profile
+    return {
+        "val_acc": runner.evaluate(runner.model),
+        "test_acc": runner.evaluate(runner.model, split="test"),
+        "macs": p.base_macs,
+        "params": p.base_params,
+        "flops_ratio": 1.0,
+    }
+
+
+def _rebuild(setup: SearchSetup, folder: RunFolder, row: dict[str, Any]) -> torch.nn.Module | None:
+    path = folder.checkpoint(int(row["trial"]))
+    if not os.path.isfile(path):
+        return None
+    model = apply_plan_structure(copy.deepcopy(setup.model).cpu(), load_plan(row["plan"]))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class _OptunaSearch:
+    def __init__(self, setup: SearchSetup, folder: RunFolder) -> None:
+        self.setup = setup
+        self.config = setup.config
+        self.folder = folder
+        self.runner = TrialRunner(
+            model=setup.model,
+            data=setup.data,
+            normalization=setup.normalization,
+            device=setup.device,
+            settings=setup.settings,
+            seed=self.config.seed,
+            profile=setup.profile,
+        )
+
+    # -- storage -------------------------------------------------------------------------
+    def open(self) -> optuna.Study:
+        c = self.config
+        storage = c.storage or f"sqlite:///{self.folder.study_db}"
+        name = c.study_name or f"fga-search:{self.folder.path}"
+        probe = open_study(storage=storage, name=name, sampler=optuna.samplers.RandomSampler())
+        existing = len(probe.get_trials(deepcopy=False))
+        # A resumed sampler gets a fresh seed so that it does not replay the first run's proposals.
+        sampler = make_sampler(c.sampler, seed=c.seed + existing, population=c.population, trials=c.trials)
+        return open_study(storage=storage, name=name, sampler=sampler)
+
+    def rows(self, study: optuna.Study) -> list[dict[str, Any]]:
+        return [trial_row(t) for t in study.get_trials(deepcopy=False)]
+
+    def save(self, study: optuna.Study) -> list[dict[str, Any]]:
+        rows = self.rows(study)
+        write_parquet(rows_to_table(rows), self.folder.trials_parquet)
+        return rows
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def keep_front_checkpoints(
+        self, rows: list[dict[str, Any]], model: torch.nn.Module | None, number: int
+    ) -> None:
+        front = {int(r["trial"]) for r in front_rows(rows)}
+        if model is not None and number in front:
+            path = self.folder.checkpoint(number)
+            tmp = f"{path}.tmp"
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            os.replace(tmp, path)
+        for name in os.listdir(self.folder.models_dir):
+            if name.startswith("trial_") and name.endswith(".pt") and int(name[6:11]) not in front:
+                os.remove(os.path.join(self.folder.models_dir, name))
+
+    # -- one trial -----------------------------------------------------------------------
+    def step(self, study: optuna.Study) -> tuple[optuna.trial.Trial, dict[str, Any], Proposal]:
+        """Ask for a trial, turn its parameters into a repaired plan and record the proposal."""
+        trial = study.ask()
+        setup, c = self.setup, self.config
+        params = setup.space.suggest(trial)
+        prop = setup.propose(setup.space.to_plan(params))
+        requeued = trial.user_attrs.get("requeued_from")
+        record: dict[str, Any] = {
+            "plan": prop.key,
+            "flops_ratio": prop.flops_ratio,
+            "params_ratio": prop.params_ratio,
+            "macs": prop.macs,
+            "params": prop.params,
+            "within_budget": prop.within_budget,
+            "proposal_within_budget": prop.proposal_within_budget,
+            "budget": c.budget,
+            "budget_metric": c.budget_metric,
+            "layers_decomposed": prop.layers_decomposed,
+            "epochs": c.epochs,
+            "seed": trial_seed(c, requeued if requeued is not None else trial.number),
+            "device": str(setup.device),
+            "backend": "optuna",
+        }
+        trial.set_user_attr("record", record)  # one write: each is a database commit
+        set_budget_constraint(trial, prop.constraint)
+        return trial, record, prop
+
+    def run(self) -> SearchResult:
+        c = self.config
+        study = self.open()
+        recovered = recover_interrupted(study)
+        rows = self.rows(study)
+        finished = count_finished(study.get_trials(deepcopy=False))
+        progress = Progress(total=c.trials, done=finished, quiet=c.quiet)
+        if recovered:
+            progress.note(f"resuming: trial(s) {recovered} were interrupted and are re-queued")
+        if finished:
+            progress.note(f"resuming {self.folder.path}: {finished}/{c.trials} trials finished")
+        known = {
+            r["plan"]: r
+            for r in rows
+            if r["state"] == "COMPLETE" and r.get("status") == "ok" and r.get("plan")
+        }
+        deadline = time.monotonic() + c.timeout if c.timeout else None
+        while finished < c.trials and (deadline is None or time.monotonic() < deadline):
+            trial, record, prop = self.step(study)
+            result = self.execute(trial, record, prop, known)
+            if result.status == "interrupted":
+                self.save(study)
+                raise KeyboardInterrupt
+            trial.set_user_attr("record", {**record, **result.extra})
+            trial.set_user_attr("status", result.status)
+            if result.values is None:
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, result.values)
+            finished += 1
+            rows = self.save(study)
+            if result.status == "ok":
+                known[prop.key] = next(r for r in rows if r["trial"] == trial.number)
+            outcome = result.outcome
+            self.keep_front_checkpoints(rows, outcome.model if outcome is not None else None, trial.number)
+            best = self.best(rows)
+            progress.update(
+                done=finished,
+                number=trial.number,
+                status="done" if result.status == "ok" else result.status,
+                val_acc=result.values[0] if result.values and result.status != "infeasible" else None,
+                ratio=prop.flops_ratio,
+                seconds=outcome.seconds["total"] if outcome is not None else None,
+                best=(best["trial"], best["val_acc"], best["flops_ratio"]) if best else None,
+            )
+        if deadline is not None and finished < c.trials:
+            progress.note(f"--timeout reached after {finished}/{c.trials} trials")
+        return self.finish(study)
+
+    def execute(
+        self,
+        trial: optuna.trial.Trial,
+        record: dict[str, Any],
+        prop: Proposal,
+        known: dict[str, dict[str, Any]],
+    ) -> _Result:
+        if not prop.within_budget:
+            return _Result(
+                "infeasible",
+                [0.0, prop.flops_ratio],
+                {"fail_reason": "plan exceeds the budget even after repair"},
+            )
+        source = known.get(prop.key)
+        if source is not None:  # the same plan again: reuse its result instead of recomputing it
+            extra = {k: source[k] for k in ("val_acc", "proxy_acc", "macs_measured", "finetune_steps")}
+            extra["duplicate_of"] = source["trial"]
+            return _Result("duplicate", [source["val_acc"], prop.flops_ratio], extra)
+        old = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            outcome = self.runner.run(prop.plan, seed=record["seed"])
+        except (KeyboardInterrupt, _Interrupted):
+            self.interrupt(trial, record)
+            return _Result("interrupted", None, {})
+        except Exception as exc:  # a failed trial is recorded and the search goes on
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return _Result("failed", None, {"fail_reason": f"{type(exc).__name__}: {first}"[:500]})
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        return _Result("ok", [outcome.val_acc, prop.flops_ratio], outcome.metrics(), outcome)
+
+    def interrupt(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> None:
+        study = trial.study
+        study.enqueue_trial(dict(trial.params), user_attrs={"requeued_from": trial.number})
+        trial.set_user_attr("record", {**record, "fail_reason": "interrupted by the user"})
+        trial.set_user_attr("status", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+
+    # -- results -------------------------------------------------------------------------
+    def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        front = front_rows(rows)
+        if not front:
+            return None
+        return max(front, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
+
+    def finish(self, study: optuna.Study) -> SearchResult:
+        rows = self.save(study)
+        front = front_rows(rows)
+        cache: dict[str, float] = self.folder.read_json("test_acc.json", {}) or {}
+        for row in front:
+            key = str(row["trial"])
+            if key not in cache:
+                model = _rebuild(self.setup, self.folder, row)
+                if model is not None:
+                    model = model.to(self.runner.device)
+                    if self.runner.channels_last:
+                        model = model.to(memory_format=torch.channels_last)
+                    cache[key] = self.runner.evaluate(model, split="test")
+            row["test_acc"] = cache.get(key)
+        self.folder.write_json("test_acc.json", cache)
+        best = self.best(rows)
+        knee = knee_index([r["val_acc"] for r in front], [r["flops_ratio"] for r in front]) if front else None
+        for i, row in enumerate(front):
+            row["is_knee"] = i == knee
+            row["is_best"] = best is not None and row["trial"] == best["trial"]
+        import pyarrow as pa
+
+        schema = TRIAL_SCHEMA.append(pa.field("test_acc", pa.float64()))
+        schema = schema.append(pa.field("is_knee", pa.bool_())).append(pa.field("is_best", pa.bool_()))
+        write_parquet(rows_to_table(front, schema), self.folder.pareto_parquet)
+        run = self.folder.read()
+        return SearchResult(
+            run_dir=self.folder.path,
+            trials=len(rows),
+            finished=count_finished(study.get_trials(deepcopy=False)),
+            front=front,
+            best=next((r for r in front if r.get("is_best")), None),
+            baseline=run.get("baseline", {}),
+        )
+
+
+def run_search(config: RunConfig) -> SearchResult:
+    """Prepare (checking every input before writing anything), then run or resume the search."""
+    folder = RunFolder(config.out)
+    folder.check_writable()
+    setup = prepare(config, log=not config.quiet)
+    identity = setup.identity()
+    resuming = folder.check_new_or_matching(identity)
+    if config.backend == "ray":
+        from ._ray_backend import run_ray_search
+
+        return run_ray_search(setup, folder, resuming=resuming)
+    with _locked(folder):
+        engine = _OptunaSearch(setup, folder)
+        if not resuming:
+            baseline = _baseline(setup, engine.runner)
+            folder.create(
+                {
+                    "command": sys.argv,
+                    "config": config.to_dict(),
+                    "identity": identity,
+                    "versions": setup.versions(),
+                    "baseline": baseline,
+                    "model": setup.spec.to_dict(),
+                    "normalization": setup.normalization.to_dict(),
+                    "input_shape": list(setup.data.input_shape),
+                    "num_classes": setup.data.num_classes,
+                    "classes": setup.data.classes,
+                    "data": setup.data.describe(),
+                    "space": {
+                        "name": setup.space.space.name,
+                        "source": setup.space.space.source,
+                        "layers": len(setup.space.layers),
+                    },
+                    "device": str(setup.device),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+            if not config.quiet:
+                print(
+                    f"baseline {setup.spec.name}: val accuracy {baseline['val_acc']:.4f}, test {baseline['test_acc']:.4f}, "
+                    f"{setup.profile.base_macs / 1e6:.2f} M MACs, {setup.profile.base_params / 1e6:.3f} M params; "
+                    f"searching {len(setup.space.layers)} layers on {setup.device}",
+                    file=sys.stderr,
+                )
+        return engine.run()

@@ -1,0 +1,191 @@
+"""Everything a search needs before its first trial, checked before anything is written.
+
+model + weights + data -> space -> profile (FLOPs) -> spectra (for repair) -> proposals.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._config import RunConfig
+from ._data import DataBundle, load_dataset
+from ._finetune import FinetuneConfig
+from ._flops import ModelProfile
+from ._loader import Normalization
+from ._plan import KEEP, Plan, plan_to_json
+from ._repair import repair
+from ._runfolder import file_digest
+from ._space import ResolvedSpace, load_space
+from ._spectra import SpectralTable
+from ._trial import TrialSettings, resolve_device
+from ._zoo import ModelSpec, build_model, resolve_model
+
+__all__ = ["Proposal", "SearchSetup", "prepare"]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A trial's plan after repair, with its analytic cost."""
+
+    plan: Plan
+    flops_ratio: float
+    params_ratio: float
+    macs: int
+    params: int
+    proposal_within_budget: bool
+    within_budget: bool
+
+    @property
+    def constraint(self) -> float:
+        return 0.0 if self.within_budget else 1.0
+
+    @property
+    def layers_decomposed(self) -> int:
+        return sum(1 for v in self.plan.values() if v != KEEP)
+
+    @property
+    def key(self) -> str:
+        return plan_to_json(dict(sorted(self.plan.items())))
+
+
+@dataclass
+class SearchSetup:
+    config: RunConfig
+    spec: ModelSpec
+    model: nn.Module
+    weights: str | None
+    data: DataBundle
+    normalization: Normalization
+    space: ResolvedSpace
+    profile: ModelProfile
+    spectra: SpectralTable
+    device: torch.device
+    settings: TrialSettings
+
+    def metric_ratio(self, plan: Plan) -> float:
+        return self.profile.ratio(plan, metric=self.config.budget_metric)
+
+    def propose(self, plan: Plan) -> Proposal:
+        """Repair ``plan`` into the budget (analytically; no model is built) and price it."""
+        budget, metric = self.config.budget, self.config.budget_metric
+        before = self.profile.ratio(plan, metric=metric) <= budget + 1e-12
+        fixed = (
+            plan
+            if before
+            else repair(
+                plan,
+                profile=self.profile,
+                spectra=self.spectra,
+                space=self.space,
+                budget=budget,
+                metric=metric,
+            )
+        )
+        cost = self.profile.count(fixed, validate=False)
+        flops = cost.macs / self.profile.base_macs
+        params = cost.params / self.profile.base_params
+        within = (flops if metric == "flops" else params) <= budget + 1e-12
+        return Proposal(fixed, flops, params, cost.macs, cost.params, before, within)
+
+    def identity(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "model": self.spec.name,
+            "weights_sha256": (
+                "quickstart" if c.model is None else file_digest(self.weights) if self.weights else None
+            ),
+            "dataset": c.dataset,
+            "data_dir": os.path.abspath(c.data_dir) if c.data_dir else None,
+            "budget": c.budget,
+            "budget_metric": c.budget_metric,
+            "objective": "accuracy,flops",
+            "space": self.space.space.source,
+            "epochs": c.epochs,
+            "seed": c.seed,
+            "val_fraction": c.val_fraction,
+            "train_limit": c.train_limit,
+            "val_limit": c.val_limit,
+            "image_size": c.image_size,
+            "strategy": c.strategy,
+        }
+
+    def versions(self) -> dict[str, str]:
+        import optuna
+
+        from . import __version__
+
+        return {
+            "fga_search": __version__,
+            "torch": torch.__version__,
+            "optuna": optuna.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        }
+
+
+def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
+    """Load and check the model, weights, data and space. Raises ``ValueError`` on bad input and
+    writes nothing (except the caches of decoded datasets and the quickstart model)."""
+    device = resolve_device(config.device)
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        image_size=config.image_size,
+        train_limit=config.train_limit,
+        val_limit=config.val_limit,
+        test_limit=config.test_limit,
+    )
+    weights = config.weights
+    if config.model is None:
+        from ._quickstart import QUICKSTART_MODEL, quickstart_weights
+
+        if config.dataset != "digits":
+            raise ValueError("--model is required with a dataset other than digits")
+        spec = resolve_model(QUICKSTART_MODEL)
+        weights = quickstart_weights(data, log=log)
+    else:
+        spec = resolve_model(config.model)
+        if weights is not None and not os.path.isfile(weights):
+            raise ValueError(f"weights file not found: {weights}")
+    model = build_model(spec, num_classes=data.num_classes, weights=weights)
+    if weights is None and log:
+        print("warning: no --weights given: compressing an untrained model", file=sys.stderr)
+    if spec.normalization is not None and len(spec.normalization.mean) != data.input_shape[0]:
+        raise ValueError(
+            f"model {spec.name!r} expects {len(spec.normalization.mean)}-channel images, "
+            f"dataset {config.dataset!r} has {data.input_shape[0]}"
+        )
+    normalization = spec.normalization or Normalization(*data.channel_stats())
+    profile = ModelProfile(model, input_shape=data.input_shape)
+    chosen = config.space or spec.space
+    space = load_space(chosen).resolve(profile.layers, strict=config.space is not None)
+    if not space.layers:
+        raise ValueError(f"space {chosen!r} leaves no layer of model {spec.name!r} to search")
+    settings = TrialSettings(
+        finetune=FinetuneConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr),
+        calibration=min(config.calibration, len(data.train)),
+        recalibration=config.recalibration,
+    )
+    return SearchSetup(
+        config=config,
+        spec=spec,
+        model=model,
+        weights=os.path.abspath(weights) if weights else None,
+        data=data,
+        normalization=normalization,
+        space=space,
+        profile=profile,
+        spectra=SpectralTable(model),
+        device=device,
+        settings=settings,
+    )

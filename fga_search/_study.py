@@ -1,0 +1,121 @@
+"""The Optuna study behind a run: storage, sampler, crash recovery and trial rows."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "DIRECTIONS",
+    "constraints",
+    "count_finished",
+    "make_sampler",
+    "open_study",
+    "recover_interrupted",
+    "set_budget_constraint",
+    "trial_row",
+]
+
+DIRECTIONS: list[Literal["maximize", "minimize"]] = [
+    "maximize",
+    "minimize",
+]  # validation accuracy, FLOPs ratio
+
+
+# Optuna >= 5 reads constraints set on the trial; older versions take a constraints_func.
+_TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def constraints(trial: FrozenTrial) -> Sequence[float]:
+    """Optuna constraint: <= 0 when the trial's plan fits the budget."""
+    return [float(trial.user_attrs.get("constraint", 1.0))]
+
+
+def set_budget_constraint(trial: optuna.trial.Trial, value: float) -> None:
+    """Record the budget constraint (<= 0: within budget) where the sampler reads it."""
+    trial.set_user_attr("constraint", value)
+    if _TRIAL_CONSTRAINTS:
+        trial.set_constraint("budget", value)
+
+
+def make_sampler(name: str, *, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    func = None if _TRIAL_CONSTRAINTS else constraints
+    if name == "nsga2":
+        size = population or max(4, min(50, trials // 4))
+        return optuna.samplers.NSGAIISampler(population_size=size, seed=seed, constraints_func=func)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, constraints_func=func, n_startup_trials=max(5, trials // 10)
+        )
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; valid samplers: nsga2, tpe, random")
+
+
+def open_study(*, storage: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    optuna.logging.set_verbosity(logging.WARNING)
+    try:
+        return optuna.create_study(
+            storage=storage,
+            study_name=name,
+            directions=DIRECTIONS,
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
+        raise ValueError(f"cannot open the Optuna storage {storage!r}: {exc}") from None
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("status") != "interrupted"
+
+
+def count_finished(trials: Sequence[FrozenTrial]) -> int:
+    return sum(1 for t in trials if is_finished(t))
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a killed process as failed ('interrupted') and re-queue their
+    parameters, once. Returns the recovered trial numbers."""
+    trials = study.get_trials(deepcopy=False)
+    requeued = {t.user_attrs.get("requeued_from") for t in trials}
+    recovered = []
+    storage = study._storage
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        if t.number not in requeued and t.params:
+            study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
+        storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")
+        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        recovered.append(t.number)
+    return recovered
+
+
+def _num(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def trial_row(t: FrozenTrial) -> dict[str, Any]:
+    """One Parquet row (see ``TRIAL_SCHEMA``) from an Optuna trial."""
+    a = t.user_attrs
+    merged = {**a.get("record", {}), **{k: v for k, v in a.items() if k != "record"}}
+    row: dict[str, Any] = {k: _num(v) for k, v in merged.items()}
+    row.update(
+        trial=t.number,
+        state=t.state.name,
+        status=a.get("status", "running" if t.state == TrialState.RUNNING else t.state.name.lower()),
+        datetime_start=t.datetime_start.isoformat() if t.datetime_start else None,
+        datetime_complete=t.datetime_complete.isoformat() if t.datetime_complete else None,
+    )
+    return row

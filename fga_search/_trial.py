@@ -1,0 +1,197 @@
+"""One trial: build the plan's model from the trained one, recalibrate, fine-tune, evaluate.
+
+A ``TrialRunner`` holds what every trial shares and is built once per search (per worker with
+Ray): the trained model on the device, the data on the device as uint8, a fixed calibration
+batch, the teacher's cached logits and the model's FLOPs profile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._data import DataBundle
+from ._evaluate import evaluate
+from ._finetune import FinetuneConfig, TeacherCache, amp_dtype_for, finetune
+from ._flops import ModelProfile, measure_macs
+from ._loader import DeviceSplit, Normalization
+from ._plan import KEEP, Plan
+from ._recalibrate import recalibrate_bn
+from ._surgery import decompose
+
+__all__ = ["TrialOutcome", "TrialRunner", "TrialSettings", "resolve_device"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU; ``cuda`` / ``cuda:N`` must exist."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial does; the defaults are documented in the README."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    calibration: int = 256  # images for data-driven refinement
+    recalibration: int = 1024  # images for BN recalibration
+    refine_mode: str = "asymmetric"
+    eval_batch: int = 512
+    recalibrate_after_steps: int = 200  # re-estimate BN statistics after fine-tunes shorter than this
+
+
+@dataclass
+class TrialOutcome:
+    val_acc: float
+    proxy_acc: float
+    macs: int
+    macs_measured: int
+    params: int
+    seconds: dict[str, float]
+    finetune_steps: int
+    model: nn.Module
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "val_acc": self.val_acc,
+            "proxy_acc": self.proxy_acc,
+            "macs": self.macs,
+            "macs_measured": self.macs_measured,
+            "params": self.params,
+            "finetune_steps": self.finetune_steps,
+            **{f"seconds_{k}": v for k, v in self.seconds.items()},
+        }
+
+
+class TrialRunner:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        data: DataBundle,
+        normalization: Normalization,
+        device: torch.device,
+        settings: TrialSettings,
+        seed: int = 0,
+        profile: ModelProfile | None = None,
+    ) -> None:
+        self.device = device
+        self.settings = settings
+        self.data = data
+        cuda = device.type == "cuda"
+        self.channels_last = cuda
+        self.model = model.to(device).eval()
+        if cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.profile = profile or ModelProfile(model, input_shape=data.input_shape)
+        split = {"device": device, "normalization": normalization, "channels_last": cuda}
+        self.train = DeviceSplit(data.train, **split)  # type: ignore[arg-type]
+        self.val = DeviceSplit(data.val, **split)  # type: ignore[arg-type]
+        self._test_split = data.test
+        self._split_kwargs = split
+        self._test: DeviceSplit | None = None
+        gen = torch.Generator().manual_seed(seed)
+        self.calibration = next(self.train.batches(settings.calibration, shuffle=True, generator=gen)).x
+        self.teacher = TeacherCache(self.model, self.train, num_classes=data.num_classes)
+        self.amp = amp_dtype_for(device)
+
+    @property
+    def test(self) -> DeviceSplit:
+        if self._test is None:
+            self._test = DeviceSplit(self._test_split, **self._split_kwargs)  # type: ignore[arg-type]
+        return self._test
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def evaluate(self, model: nn.Module, *, split: str = "val") -> float:
+        data = self.val if split == "val" else self.test
+        return evaluate(model, data, batch_size=self.settings.eval_batch, amp_dtype=self.amp)
+
+    def build(self, plan: Plan, *, seed: int) -> nn.Module:
+        """The plan's model, SVD-initialised and refined on the calibration batch."""
+        if all(choice == KEEP for choice in plan.values()):
+            import copy
+
+            return copy.deepcopy(self.model)
+        return decompose(self.model, plan, self.calibration, mode=self.settings.refine_mode, seed=seed)
+
+    def run(self, plan: Plan, *, seed: int, on_phase: Callable[[str], None] | None = None) -> TrialOutcome:
+        """Run the trial's phases; exceptions (a NaN loss, out of memory) propagate to the caller."""
+        seconds: dict[str, float] = {}
+        start = t = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal t
+            self._sync()
+            now = time.perf_counter()
+            seconds[phase] = now - t
+            t = now
+            if on_phase is not None:
+                on_phase(phase)
+
+        torch.manual_seed(seed)
+        student = self.build(plan, seed=seed)
+        if self.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        lap("decompose")
+        recalibrate_bn(student, self.train, images=self.settings.recalibration, seed=seed, amp_dtype=self.amp)
+        lap("recalibrate")
+        proxy = self.evaluate(student)
+        lap("proxy")
+        steps = 0
+        val = proxy
+        if self.settings.finetune.epochs > 0:
+            stats = finetune(
+                student,
+                self.train,
+                config=self.settings.finetune,
+                teacher=self.teacher,
+                allow_flip=self.data.flip,
+                crop_pad=self.data.crop_pad,
+                seed=seed,
+            )
+            steps = stats.steps
+            if steps < self.settings.recalibrate_after_steps:
+                # A few SGD steps leave batch-norm running statistics noisy: re-estimate them.
+                recalibrate_bn(
+                    student, self.train, images=self.settings.recalibration, seed=seed, amp_dtype=self.amp
+                )
+            lap("finetune")
+            val = self.evaluate(student)
+            lap("eval")
+        else:
+            seconds["finetune"] = seconds["eval"] = 0.0
+        cost = self.profile.count(plan, validate=False)
+        measured = measure_macs(student, input_shape=self.data.input_shape)
+        lap("flops")
+        seconds["total"] = time.perf_counter() - start
+        return TrialOutcome(
+            val_acc=val,
+            proxy_acc=proxy,
+            macs=cost.macs,
+            macs_measured=measured,
+            params=cost.params,
+            seconds=seconds,
+            finetune_steps=steps,
+            model=student,
+        )

@@ -1,0 +1,27 @@
+"""Shared set-up for the benchmarks: the shared CIFAR-10 JPEGs and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def cifar_dir() -> str:
+    """The shared JPEG CIFAR-10, extracted once into the temp folder (not the repository)."""
+    out = Path(tempfile.gettempdir()) / "fga-search-bench" / "cifar10"
+    if not (out / "test").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED / "data" / "cifar10-jpeg.tar.gz") as tar:
+            tar.extractall(out, filter="data")
+    return str(out)
+
+
+def checkpoint(name: str) -> str:
+    path = SHARED / "models" / name
+    if not path.is_file():
+        raise SystemExit(f"missing shared checkpoint {path}")
+    return os.fspath(path)

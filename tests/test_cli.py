@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fga_search._cli import main
+from helpers import rows, run_cli
+
+QUICK = ["--trials", "12", "--epochs", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def quickstart(home: Path) -> tuple[Path, str]:
+    """`fga-search --budget 0.2` as a user runs it, with fewer trials."""
+    result = run_cli(["--budget", "0.2", "--trials", "16"], home=home)
+    assert result.returncode == 0, result.stderr
+    return home / "runs" / "digits_cnn-digits-b0.2", result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], home: Path) -> None:
+    run, output = quickstart
+    for name in ("study.db", "trials.parquet", "pareto.parquet", "run.json"):
+        assert (run / name).is_file(), name
+    assert (
+        home / ".cache" / "fga-search" / "models" / "digits_cnn-v1.pt"
+    ).is_file()  # cached model, not in the package
+    record = json.loads((run / "run.json").read_text())
+    assert record["identity"]["budget"] == 0.2 and record["identity"]["model"] == "digits_cnn"
+    assert record["versions"]["torch"] == torch.__version__
+    baseline = record["baseline"]["val_acc"]
+    trials = rows(run / "trials.parquet")
+    assert len(trials) >= 16 and sum(r["state"] == "COMPLETE" for r in trials) >= 15
+    front = rows(run / "pareto.parquet")
+    print(
+        f"\nquickstart: baseline val {baseline:.4f}; front: "
+        + ", ".join(f"{r['val_acc']:.3f}@{r['flops_ratio']:.3f}" for r in front)
+    )
+    assert len(front) >= 3
+    assert all(r["flops_ratio"] <= 0.2 and r["within_budget"] for r in front)
+    assert max(r["val_acc"] for r in front) >= 0.95 * baseline
+    assert all(r["test_acc"] is not None for r in front)
+    assert sum(r["is_best"] for r in front) == 1 and sum(r["is_knee"] for r in front) == 1
+    best = next(r for r in front if r["is_best"])
+    assert (run / "models" / f"trial_{best['trial']:05d}.pt").is_file()
+    # progress lines: trials done/total, best so far within budget, ETA
+    assert "[1/16] trial 0" in output and "best within budget" in output and "ETA" in output
+    assert f"best model: trial {best['trial']}" in output
+
+
+@pytest.mark.slow
+def test_budget_is_respected_and_feasibility_recorded(quickstart: tuple[Path, str]) -> None:
+    run, _ = quickstart
+    trials = rows(run / "trials.parquet")
+    tuned = [r for r in trials if (r["finetune_steps"] or 0) > 0]
+    assert tuned and all(r["flops_ratio"] <= 0.2 for r in tuned)
+    assert all(
+        r["macs_measured"] == r["macs"] for r in tuned
+    )  # FlopCounterMode agrees with the analytic count
+    feasible = sum(bool(r["within_budget"]) for r in trials) / len(trials)
+    assert feasible >= 0.9
+    assert all(r["proposal_within_budget"] is not None for r in trials)
+
+
+@pytest.mark.slow
+def test_rerun_resumes_with_nothing_to_do(quickstart: tuple[Path, str], home: Path) -> None:
+    run, _ = quickstart
+    before = rows(run / "trials.parquet")
+    result = run_cli(["--budget", "0.2", "--trials", "16"], home=home)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    after = rows(run / "trials.parquet")
+    assert [(r["trial"], r["val_acc"]) for r in after] == [(r["trial"], r["val_acc"]) for r in before]
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_budget_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for budget in ("0", "1.5", "-0.2", "nan"):
+        code, err = run_main(["--budget", budget, "--out", str(tmp_path / "run")], capsys)
+        assert code == 2
+        assert err.strip() == f"fga-search: error: --budget must be in (0, 1], got {float(budget)!r}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet57"], "unknown model 'resnet57'; zoo models: digits_cnn, resnet110"),
+        (
+            ["--dataset", "mnist"],
+            "unknown dataset 'mnist'; valid datasets: digits, cifar10, cifar100, imagefolder",
+        ),
+        (["--space", "resnett"], "unknown space 'resnett'; shipped spaces: default, resnet_cifar"),
+        (["--model", "digits_cnn", "--weights", "missing.pt"], "weights file not found: missing.pt"),
+        (["--device", "tpu"], "unknown device 'tpu'; use cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    out = tmp_path / "run"
+    code, err = run_main([*args, "--out", str(out), *QUICK], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_bad_choice_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--sampler", "cmaes", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --sampler: invalid choice: 'cmaes'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_and_mismatched_weights(
+    tmp_path: Path, shared: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    code, err = run_main(
+        ["--model", "digits_cnn", "--weights", str(corrupt), "--out", str(out), *QUICK], capsys
+    )
+    assert code == 2 and "cannot read weights file" in err and err.count("\n") == 1
+    code, err = run_main(
+        [
+            "--model",
+            "digits_cnn",
+            "--weights",
+            str(shared / "models" / "resnet56_cifar10.pt"),
+            "--out",
+            str(out),
+            *QUICK,
+        ],
+        capsys,
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "weights do not fit model 'digits_cnn'" in err and "missing keys: features.0.weight" in err
+    assert not out.exists()
+
+
+def test_data_dir_without_expected_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    out = tmp_path / "run"
+    code, err = run_main(
+        [
+            "--model",
+            "resnet20",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert (
+        err.strip()
+        == f"fga-search: error: data dir {tmp_path / 'data'} must hold train/ and val/ or test/ folders; found: ['images']"
+    )
+    assert not out.exists()
+
+
+def test_bad_space_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("groups: [1, 2]\nranks: {low: 0.1}\n")
+    code, err = run_main(["--space", str(bad_key), "--out", str(out), *QUICK], capsys)
+    assert code == 2 and "unknown key(s) ['ranks']" in err and err.count("\n") == 1
+    impossible = tmp_path / "impossible.yaml"
+    impossible.write_text("groups: [1, 7]\n")
+    code, err = run_main(["--space", str(impossible), "--out", str(out), *QUICK], capsys)
+    assert code == 2 and "group count(s) [7] divide no searched layer's input channels" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_existing_run_folder_with_other_settings(
+    quickstart: tuple[Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run, _ = quickstart
+    (tmp_path / "graynets.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(128, num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    snapshot = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    for args, key in (
+        (["--budget", "0.3"], "budget=0.2, not 0.3"),
+        (["--budget", "0.2", "--model", "graynets:tiny"], "model='digits_cnn', not 'graynets:tiny'"),
+        (["--budget", "0.2", "--budget-metric", "params"], "budget_metric='flops', not 'params'"),
+        (["--budget", "0.2", "--epochs", "1"], "epochs=3.0, not 1.0"),
+        (
+            ["--budget", "0.2", "--model", "digits_cnn", "--epochs", "3"],
+            "weights_sha256='quickstart', not None",
+        ),
+    ):
+        code, err = run_main([*args, "--out", str(run), "--trials", "16", "--quiet"], capsys)
+        assert code == 2, err
+        assert err.count("\n") == 1 and key in err and "use another --out" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == snapshot  # nothing touched
+
+
+def test_subprocess_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = run_cli(["--budget", "2", "--out", str(tmp_path / "run")], home=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "fga-search: error: --budget must be in (0, 1], got 2.0\n"
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "run")

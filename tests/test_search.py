@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from fga_search import search
+from helpers import cli_env, rows
+
+ARGS = ["--budget", "0.25", "--trials", "10", "--epochs", "12", "--seed", "3"]
+
+
+def finished_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [
+        r
+        for r in rows(path)
+        if r["state"] == "COMPLETE" or (r["state"] == "FAIL" and r["status"] != "interrupted")
+    ]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fga_search._cli", *ARGS, "--out", str(run)]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while len(finished_rows(run / "trials.parquet")) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next trial's fine-tuning
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {r["trial"]: r for r in finished_rows(run / "trials.parquet")}
+    with sqlite3.connect(run / "study.db") as db:
+        running = [n for (n,) in db.execute("select number from trials where state = 'RUNNING'")]
+    assert len(before) >= 3 and len(running) == 1
+
+    result = subprocess.run(
+        cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"trial(s) {running} were interrupted and are re-queued" in result.stderr
+    after = rows(run / "trials.parquet")
+    numbers = [r["trial"] for r in after]
+    assert len(numbers) == len(set(numbers))
+    done = [
+        r
+        for r in after
+        if r["state"] == "COMPLETE" or (r["state"] == "FAIL" and r["status"] != "interrupted")
+    ]
+    assert len(done) == 10
+    for number, old in before.items():  # no finished trial lost or changed
+        new = next(r for r in after if r["trial"] == number)
+        assert (new["state"], new["val_acc"], new["plan"]) == (old["state"], old["val_acc"], old["plan"])
+    interrupted = next(r for r in after if r["trial"] == running[0])
+    assert interrupted["state"] == "FAIL" and interrupted["status"] == "interrupted"
+    requeued = [r for r in after if r["requeued_from"] == running[0]]
+    assert len(requeued) == 1 and requeued[0]["state"] == "COMPLETE"
+    study = optuna.load_study(study_name=f"fga-search:{run}", storage=f"sqlite:///{run / 'study.db'}")
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[requeued[0]["trial"]].params == by_number[running[0]].params
+    assert requeued[0]["seed"] == interrupted["seed"]  # the re-run repeats the interrupted trial exactly
+    assert not any(r["state"] == "RUNNING" for r in after)
+
+
+def test_python_api_search_and_failed_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial that raises is recorded as failed with its reason, and the search goes on."""
+    from fga_search import _trial
+
+    calls = {"n": 0}
+    real = _trial.TrialRunner.run
+
+    def flaky(self, plan, *, seed, on_phase=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("non-finite loss at step 3 of 10")
+        return real(self, plan, seed=seed, on_phase=on_phase)
+
+    monkeypatch.setattr(_trial.TrialRunner, "run", flaky)
+    result = search(out=str(tmp_path / "run"), budget=0.3, trials=6, epochs=0.5, quiet=True, sampler="random")
+    trials = rows(tmp_path / "run" / "trials.parquet")
+    failed = [r for r in trials if r["state"] == "FAIL"]
+    assert (
+        len(failed) == 1 and failed[0]["fail_reason"] == "FloatingPointError: non-finite loss at step 3 of 10"
+    )
+    assert result.finished == 6 and len(trials) == 6
+    assert result.front and all(r["flops_ratio"] <= 0.3 for r in result.front)
+    with pytest.raises(ValueError, match=r"unknown search option\(s\) \['budgett'\]"):
+        search(out=str(tmp_path / "x"), budgett=0.3)
