@@ -39,8 +39,8 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--budget-metric",
         default="flops",
-        choices=["flops", "params"],
-        help="what --budget limits (default flops)",
+        choices=["flops", "params", "latency"],
+        help="what --budget limits: FLOPs (default), params, or latency measured on --target",
     )
     g.add_argument(
         "--trials", type=int, help="trials to finish, resumed runs included (default 40; quickstart 50)"
@@ -68,6 +68,33 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         default=0,
         help="seed of the validation split, the sampler and the trials (default 0)",
     )
+    g.add_argument(
+        "--strategy",
+        default="search",
+        choices=["search", "uniform", "error-alloc", "random"],
+        help="search (default; warm-started from the rule-based plans), or a baseline: uniform, "
+        "error-alloc (data-free error allocation), random",
+    )
+    g.add_argument(
+        "--no-warm-start",
+        dest="warm_start",
+        action="store_false",
+        help="start the search from random plans instead of the uniform and error-allocation plans",
+    )
+    g.add_argument(
+        "--objective",
+        default="accuracy,flops",
+        choices=["accuracy,flops", "accuracy,latency", "accuracy,flops,latency"],
+        help="what the search trades off (default accuracy,flops); latency is measured on --target",
+    )
+    g.add_argument("--target", help="the deployment target for latency: cpu, cpu:THREADS, cuda or cuda:N")
+    g.add_argument("--target-batch", type=int, default=1, help="batch size on the target (default 1)")
+    g.add_argument(
+        "--target-dtype",
+        default="float32",
+        choices=["float32", "bf16", "fp16"],
+        help="dtype on the target (default float32)",
+    )
     g = p.add_argument_group("each trial")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default 128)")
@@ -93,6 +120,32 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-limit", type=int, help="use a stratified subset of this many training images")
     g.add_argument("--val-limit", type=int, help="use a stratified subset of this many validation images")
     g.add_argument("--test-limit", type=int, help="use a stratified subset of this many test images")
+    g = p.add_argument_group("Ray cluster (see README: Running on a Ray cluster)")
+    g.add_argument(
+        "--backend",
+        default="optuna",
+        choices=["optuna", "ray"],
+        help="optuna (embedded, default) or ray (Ray Tune trials)",
+    )
+    g.add_argument("--ray-address", help="join this Ray cluster (auto or HOST:PORT); implies --backend ray")
+    g.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial; fractions such as 0.25 share a GPU (default: 1 if the cluster has GPUs)",
+    )
+    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    g.add_argument(
+        "--max-concurrent", type=int, help="max trials running at once (default: as resources allow)"
+    )
+    g.add_argument(
+        "--storage-path",
+        help="Ray Tune experiment storage: a path shared by all nodes (default: the run folder)",
+    )
+    g.add_argument(
+        "--ray-dashboard",
+        action="store_true",
+        help="start Ray's dashboard with a local instance (off by default)",
+    )
     g = p.add_argument_group("storage")
     g.add_argument(
         "--out", help="run folder (default runs/MODEL-DATASET-bBUDGET); an existing one is resumed"
@@ -107,9 +160,125 @@ def _parser() -> argparse.ArgumentParser:
         prog="fga-search",
         description="Compress a trained CNN by filter group approximation: a multi-objective search "
         "(validation accuracy vs FLOPs) over per-layer group counts and ranks, within a budget.",
+        epilog="After a search: 'fga-search report RUN_DIR' writes the run's report (HTML and Markdown); "
+        "'fga-search export RUN_DIR --pick best|knee|TRIAL_ID --out DIR' exports a model. "
+        "See 'fga-search report -h' and 'fga-search export -h'.",
     )
     _add_search_options(parser)
     return parser
+
+
+COMMANDS = ("report", "export")
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    if command == "report":
+        p = _Parser(
+            prog="fga-search report",
+            description="Write report.html (one self-contained file) and report.md (+ report_files/) "
+            "for a run folder: the Pareto front, its members, their per-layer plans.",
+        )
+        p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder of a search")
+        p.add_argument("--out", help="folder to write the report to (default: the run folder)")
+        return p
+    p = _Parser(
+        prog="fga-search export",
+        description="Export one model of a run: model.pt (a state_dict) and spec.json, optionally "
+        "TorchScript and ONNX, each verified against the PyTorch model. Load it back with "
+        "fga_search.load_exported(DIR).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder of a search")
+    p.add_argument(
+        "--pick",
+        default="best",
+        metavar="best|knee|TRIAL_ID",
+        help="best: the highest validation accuracy within the budget (default); knee: the front's knee; "
+        "or a finished trial's id",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder to write the model to (created; an earlier export there is replaced)",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=0.0,
+        help="fine-tune this many more epochs on train+val with distillation and random crops (default 0)",
+    )
+    p.add_argument("--format", default="", metavar="torchscript,onnx", help="extra formats, comma-separated")
+    p.add_argument(
+        "--device", help="cpu, cuda or cuda:N for re-running and fine-tuning (default: cuda if available)"
+    )
+    return p
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ._report import write_report
+
+    html_path, md_path = write_report(args.run_dir, out=args.out)
+    print(f"report: {html_path}")
+    print(f"        {md_path}")
+    return 0
+
+
+def _size(path: str) -> str:
+    n = os.path.getsize(path)
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ._export import ExportVerificationError, export
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    try:
+        result = export(
+            args.run_dir,
+            pick=args.pick,
+            out=args.out,
+            finetune_epochs=args.finetune_epochs,
+            formats=formats,
+            device=args.device,
+        )
+    except ExportVerificationError as exc:
+        print(f"fga-search: error: {exc}", file=sys.stderr)
+        return 1
+    spec = result.spec
+    orig = spec["original"]
+    how = {"best": "best within the budget", "knee": "knee of the front", "trial": "picked by id"}[
+        result.pick
+    ]
+    weights = "re-run from its plan and seed" if result.rebuilt else "the run's checkpoint"
+    print(f"exported trial {result.trial} ({how}; weights: {weights}) to {result.out}")
+    for path in result.files:
+        print(f"  {os.path.basename(path):<22} {_size(path):>10}")
+    if spec.get("finetune"):
+        ft = spec["finetune"]
+        print(f"fine-tuned {ft['epochs']:g} more epochs on train+val ({ft['steps']} steps)")
+    val = "" if spec["accuracy"]["val_held_out"] else " (seen in fine-tuning)"
+    print(
+        f"accuracy: val {result.val_acc:.4f}{val}, test {result.test_acc:.4f} "
+        f"(original: val {orig['val_acc']:.4f}, test {orig['test_acc']:.4f})"
+    )
+    flops = spec["flops"]
+    print(
+        f"FLOPs:    {flops['macs'] / 1e6:.3f} M MACs = {100 * flops['ratio']:.1f} % of the original's "
+        f"{flops['original_macs'] / 1e6:.3f} M (measured with FlopCounterMode)"
+    )
+    if spec.get("latency"):
+        lat = spec["latency"]
+        share = f" = {100 * lat['ratio']:.1f} % of the original's" if lat.get("ratio") is not None else ""
+        print(f"latency:  {lat['ms']:.3g} ms{share} (measured during the search)")
+    params = spec["params"]
+    print(
+        f"params:   {params['count']:,} = {100 * params['ratio']:.1f} % of the original's {params['original']:,}"
+    )
+    checks = ", ".join(
+        f"{name} {'not checked (onnxruntime not installed)' if diff is None else f'max |diff| {diff:.2g}'}"
+        for name, diff in result.verification.items()
+    )
+    print(f"verified: {checks} (tolerance {spec['verification']['tolerance']:g})")
+    return 0
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -120,6 +289,8 @@ def _search(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(
         "runs", f"{model_name.replace(':', '_').replace('.', '_')}-{args.dataset}-b{args.budget:g}"
     )
+    if args.ray_address is not None:
+        args.backend = "ray"
     quickstart = args.model is None
     if args.trials is None:
         args.trials = 50 if quickstart else 40
@@ -155,9 +326,15 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:  # a subcommand; anything else is the search's options
+        args = _command_parser(argv[0]).parse_args(argv[1:])
+        run = _report if argv[0] == "report" else _export
+    else:
+        args = _parser().parse_args(argv)
+        run = _search
     try:
-        return _search(args)
+        return run(args)
     except KeyboardInterrupt:
         print("fga-search: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

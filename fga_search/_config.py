@@ -9,7 +9,8 @@ from typing import Any
 __all__ = ["BUDGET_METRICS", "SAMPLERS", "RunConfig"]
 
 SAMPLERS = ("nsga2", "tpe", "random")
-BUDGET_METRICS = ("flops", "params")
+BUDGET_METRICS = ("flops", "params", "latency")
+OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
 
 
@@ -25,6 +26,10 @@ class RunConfig:
     download: bool = False
     budget: float = 0.2
     budget_metric: str = "flops"
+    objective: str = "accuracy,flops"
+    target: str | None = None  # where latency is measured: cpu, cpu:THREADS, cuda, cuda:N
+    target_batch: int = 1
+    target_dtype: str = "float32"
     trials: int = 40
     epochs: float = 1.0
     device: str | None = None
@@ -48,6 +53,12 @@ class RunConfig:
     strategy: str = "search"
     warm_start: bool = True
     backend: str = "optuna"
+    ray_address: str | None = None
+    gpus_per_trial: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    storage_path: str | None = None
+    ray_dashboard: bool = False
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -60,6 +71,14 @@ class RunConfig:
             bad("budget", self.budget, "must be in (0, 1]")
         if self.budget_metric not in BUDGET_METRICS:
             bad("budget_metric", self.budget_metric, f"must be one of {', '.join(BUDGET_METRICS)}")
+        if self.objective not in OBJECTIVES:
+            bad("objective", self.objective, f"must be one of {', '.join(OBJECTIVES)}")
+        if self.needs_latency and self.target is None:
+            raise ValueError(
+                "a latency objective or --budget-metric latency needs --target (e.g. cpu:2 or cuda)"
+            )
+        if self.target_batch < 1:
+            bad("target_batch", self.target_batch, "must be >= 1")
         if self.trials < 1:
             bad("trials", self.trials, "must be >= 1")
         if not (math.isfinite(self.epochs) and self.epochs >= 0):
@@ -84,10 +103,37 @@ class RunConfig:
                 bad(name, v, "must be >= 1")
         if self.calibration < 1 or self.recalibration < 1:
             bad("calibration", self.calibration, "and --recalibration must be >= 1")
+        if self.strategy not in ("search", "uniform", "error-alloc", "random"):
+            bad("strategy", self.strategy, "must be one of search, uniform, error-alloc, random")
         if self.backend not in BACKENDS:
             bad("backend", self.backend, f"must be one of {', '.join(BACKENDS)}")
+        if self.ray_address is not None and self.backend != "ray":
+            raise ValueError("--ray-address needs the Ray backend (it implies --backend ray)")
+        if self.gpus_per_trial is not None and not (
+            0 <= self.gpus_per_trial and math.isfinite(self.gpus_per_trial)
+        ):
+            bad("gpus_per_trial", self.gpus_per_trial, "must be >= 0")
+        if (
+            self.gpus_per_trial is not None
+            and self.gpus_per_trial > 1
+            and self.gpus_per_trial != int(self.gpus_per_trial)
+        ):
+            bad("gpus_per_trial", self.gpus_per_trial, "must be a fraction <= 1 or a whole number")
+        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
+            bad("cpus_per_trial", self.cpus_per_trial, "must be > 0")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            bad("max_concurrent", self.max_concurrent, "must be >= 1")
         if self.model is None and self.weights is not None:
             raise ValueError("--weights needs --model")
+
+    @property
+    def needs_latency(self) -> bool:
+        return "latency" in self.objective or self.budget_metric == "latency"
+
+    @property
+    def costs(self) -> list[str]:
+        """The objective's cost columns, each minimised: flops_ratio and/or latency_ratio."""
+        return [f"{name}_ratio" for name in self.objective.split(",")[1:]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,6 +7,7 @@ convention of ``torch.utils.flop_counter.FlopCounterMode``. Biases are not count
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -90,6 +91,7 @@ class ModelProfile:
         self.layers: list[LayerInfo] = decomposable_layers(model)
         names = {info.name for info in self.layers}
         self.out_pixels: dict[str, int] = {}
+        self.in_hw: dict[str, tuple[int, int]] = {}  # input height and width at the first call
         linear_macs: dict[str, int] = {}
         hooks = []
         for name, module in model.named_modules():
@@ -111,6 +113,7 @@ class ModelProfile:
     def _conv_hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module, inputs, output):  # type: ignore[no-untyped-def]
             self.out_pixels[name] = self.out_pixels.get(name, 0) + int(output.shape[-1] * output.shape[-2])
+            self.in_hw.setdefault(name, (int(inputs[0].shape[-2]), int(inputs[0].shape[-1])))
 
         return hook
 
@@ -122,7 +125,7 @@ class ModelProfile:
 
         return hook
 
-    @property
+    @functools.cached_property
     def by_name(self) -> dict[str, LayerInfo]:
         return {info.name: info for info in self.layers}
 

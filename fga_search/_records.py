@@ -27,12 +27,14 @@ TRIAL_SCHEMA = pa.schema(
         ("params", pa.int64()),
         ("latency_ms", pa.float64()),
         ("latency_ratio", pa.float64()),
+        ("latency_estimate_ratio", pa.float64()),  # the lookup table's estimate, before the model is built
         ("within_budget", pa.bool_()),
         ("proposal_within_budget", pa.bool_()),
         ("budget_metric", pa.string()),
         ("budget", pa.float64()),
         ("layers_decomposed", pa.int64()),
         ("plan", pa.string()),  # JSON
+        ("source", pa.string()),  # sampler, requeued, or the rule that made the plan (warm start, strategy)
         ("epochs", pa.float64()),
         ("finetune_steps", pa.int64()),
         ("seed", pa.int64()),

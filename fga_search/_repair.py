@@ -1,8 +1,8 @@
 """Repair: bring a plan over budget within it, losing as little approximation quality as possible.
 
 Greedy, data-free: repeatedly lower the rank (by about 10 %, at least 1) of the decomposed layer
-whose step costs the least relative squared weight error per MAC (or parameter) saved, until the
-plan fits. If every decomposed layer is at rank 1, the most expensive kept layer of the space is
+whose step costs the least relative squared weight error per unit of cost saved (MACs,
+parameters or estimated milliseconds, as the budget's ``CostModel`` says), until the plan fits. If every decomposed layer is at rank 1, the most expensive kept layer of the space is
 decomposed too. The result depends only on the plan and the trained weights.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 
-from ._flops import ModelProfile
+from ._cost import CostModel
 from ._plan import KEEP, Plan
 from ._space import ResolvedSpace
 from ._spectra import SpectralTable
@@ -18,48 +18,36 @@ from ._spectra import SpectralTable
 __all__ = ["repair"]
 
 
-def _cost(profile: ModelProfile, name: str, choice: tuple[int, int] | str, metric: str) -> int:
-    cost = profile.layer_cost(profile.by_name[name], choice)
-    return cost.macs if metric == "flops" else cost.params
-
-
-def _total(profile: ModelProfile, plan: Plan, metric: str) -> float:
-    count = profile.count(plan, validate=False)
-    return count.macs if metric == "flops" else count.params
-
-
 def repair(
     plan: Plan,
     *,
-    profile: ModelProfile,
+    cost: CostModel,
     spectra: SpectralTable,
     space: ResolvedSpace,
     budget: float,
-    metric: str = "flops",
 ) -> Plan:
-    """Return ``plan`` if it fits ``budget`` (a ratio of the original's ``metric``), else a repaired copy."""
-    base = profile.base_macs if metric == "flops" else profile.base_params
-    limit = budget * base
+    """Return ``plan`` if it fits ``budget`` (a ratio of the original's cost), else a repaired copy."""
+    limit = budget * cost.base
     plan = dict(plan)
-    total = _total(profile, plan, metric)
+    total = cost.total(plan)
     if total <= limit:
         return plan
     by_name = {layer.name: layer for layer in space.layers}
 
-    def step(name: str) -> tuple[float, tuple[int, int], int] | None:
+    def step(name: str) -> tuple[float, tuple[int, int], float] | None:
         choice = plan[name]
         assert isinstance(choice, tuple)
         g, r = choice
         if r <= 1:
             return None
         new_r = max(1, min(r - 1, int(r * 0.9)))
-        saved = _cost(profile, name, choice, metric) - _cost(profile, name, (g, new_r), metric)
+        saved = cost.saving(name, choice, (g, new_r))
         if saved <= 0:
             return None
         err = spectra.error2(name, g)
         return (float(err[new_r] - err[r]) / saved, (g, new_r), saved)
 
-    heap: list[tuple[float, str, tuple[int, int], int]] = []
+    heap: list[tuple[float, str, tuple[int, int], float]] = []
 
     def push(name: str) -> None:
         s = step(name)
@@ -74,11 +62,11 @@ def repair(
             kept = [n for n in by_name if plan.get(n, KEEP) == KEEP]
             if not kept:
                 break  # infeasible: the caller records the constraint violation
-            name = max(kept, key=lambda n: _cost(profile, n, KEEP, metric))
+            name = max(kept, key=lambda n: cost.layer(n, KEEP))
             layer = by_name[name]
             g = layer.groups[len(layer.groups) // 2]
             new = (g, layer.rank_for(g, layer.rank.low))
-            total += _cost(profile, name, new, metric) - _cost(profile, name, KEEP, metric)
+            total -= cost.saving(name, KEEP, new)
             plan[name] = new
             push(name)
             continue

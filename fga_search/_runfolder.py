@@ -29,6 +29,7 @@ IDENTITY_KEYS = (
     "train_limit",
     "val_limit",
     "image_size",
+    "backend",
     "weights_sha256",
 )
 

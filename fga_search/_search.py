@@ -21,16 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import pyarrow as pa
 import torch
 from optuna.trial import TrialState
 
 from ._config import RunConfig
 from ._pareto import knee_index, pareto_mask
-from ._plan import load_plan
+from ._plan import Plan, load_plan
 from ._progress import Progress
 from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import Proposal, SearchSetup, prepare
+from ._strategies import strategy_plans
 from ._study import (
     count_finished,
     make_sampler,
@@ -40,11 +42,9 @@ from ._study import (
     trial_row,
 )
 from ._surgery import apply_plan_structure
-from ._trial import TrialOutcome, TrialRunner
+from ._trial import OverBudget, TrialOutcome, TrialRunner
 
-__all__ = ["SearchResult", "front_rows", "run_search", "search"]
-
-PARETO_EXTRA = ("test_acc", "is_knee", "is_best")
+__all__ = ["SearchResult", "best_row", "finalize", "front_rows", "proposal_record", "run_search", "search"]
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,62 @@ def trial_seed(config: RunConfig, number: int) -> int:
     return (config.seed * 1_000_003 + number) % (2**31)
 
 
-def front_rows(rows: list[dict[str, Any]], *, budget: float | None = None) -> list[dict[str, Any]]:
-    """Non-dominated rows (validation accuracy up, FLOPs ratio down) among finished, fitting trials."""
+def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:
+    """The plans a new run starts with: a rule-based strategy's plans, or the search's warm start
+    (uniform plans, the error allocation and blends of them)."""
+    c = setup.config
+    if c.strategy == "random" or (c.strategy == "search" and not c.warm_start):
+        return []
+    return strategy_plans(
+        c.strategy,
+        space=setup.space,
+        cost=setup.cost,
+        spectra=setup.spectra,
+        budget=c.budget,
+        count=c.trials,
+        seed=c.seed,
+    )
+
+
+def objective_values(config: RunConfig, accuracy: float, record: dict[str, Any]) -> list[float]:
+    """What the sampler sees: validation accuracy, then the objective's cost ratios (a latency not
+    measured, for a plan that was never built, is the lookup table's estimate)."""
+
+    def cost(column: str) -> float:
+        value = record.get(column)
+        if value is None and column == "latency_ratio":
+            value = record.get("latency_estimate_ratio")
+        return float(value)  # type: ignore[arg-type]
+
+    return [accuracy, *(cost(c) for c in config.costs)]
+
+
+def proposal_record(setup: SearchSetup, prop: Proposal, *, number: int, backend: str) -> dict[str, Any]:
+    """What a trial records before it runs: the repaired plan, its analytic cost, seed, budget."""
+    c = setup.config
+    return {
+        "plan": prop.key,
+        "flops_ratio": prop.flops_ratio,
+        "params_ratio": prop.params_ratio,
+        "macs": prop.macs,
+        "params": prop.params,
+        "within_budget": prop.within_budget,
+        "proposal_within_budget": prop.proposal_within_budget,
+        "budget": c.budget,
+        "budget_metric": c.budget_metric,
+        "layers_decomposed": prop.layers_decomposed,
+        "epochs": c.epochs,
+        "seed": trial_seed(c, number),
+        "device": str(setup.device),
+        "backend": backend,
+        "latency_estimate_ratio": setup.latency.ratio(prop.plan) if setup.latency is not None else None,
+    }
+
+
+def front_rows(rows: list[dict[str, Any]], *, costs: list[str] | None = None) -> list[dict[str, Any]]:
+    """Non-dominated rows among finished trials within budget: validation accuracy up, each cost
+    column down (default: the FLOPs ratio; a latency search adds ``latency_ratio``)."""
+    costs = costs or ["flops_ratio"]
     ok = [
         r
         for r in rows
@@ -102,10 +156,11 @@ def front_rows(rows: list[dict[str, Any]], *, budget: float | None = None) -> li
         and r.get("status") in ("ok", "duplicate")
         and r.get("within_budget")
         and r.get("val_acc") is not None
+        and all(r.get(c) is not None for c in costs)
     ]
     if not ok:
         return []
-    mask = pareto_mask([r["val_acc"] for r in ok], [r["flops_ratio"] for r in ok])
+    mask = pareto_mask([r["val_acc"] for r in ok], *[[r[c] for r in ok] for c in costs])
     front = sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["flops_ratio"])
     return front
 
@@ -145,6 +200,8 @@ def _baseline(setup: SearchSetup, runner: TrialRunner) -> dict[str, Any]:
         "macs": p.base_macs,
         "params": p.base_params,
         "flops_ratio": 1.0,
+        "latency_ms": setup.latency.base_ms if setup.latency is not None else None,
+        "latency_ratio": 1.0 if setup.latency is not None else None,
     }
 
 
@@ -158,30 +215,29 @@ def _rebuild(setup: SearchSetup, folder: RunFolder, row: dict[str, Any]) -> torc
 
 
 class _OptunaSearch:
-    def __init__(self, setup: SearchSetup, folder: RunFolder) -> None:
+    def __init__(self, setup: SearchSetup, folder: RunFolder, runner: TrialRunner) -> None:
         self.setup = setup
         self.config = setup.config
         self.folder = folder
-        self.runner = TrialRunner(
-            model=setup.model,
-            data=setup.data,
-            normalization=setup.normalization,
-            device=setup.device,
-            settings=setup.settings,
-            seed=self.config.seed,
-            profile=setup.profile,
-        )
+        self.runner = runner
 
     # -- storage -------------------------------------------------------------------------
     def open(self) -> optuna.Study:
         c = self.config
         storage = c.storage or f"sqlite:///{self.folder.study_db}"
         name = c.study_name or f"fga-search:{self.folder.path}"
-        probe = open_study(storage=storage, name=name, sampler=optuna.samplers.RandomSampler())
+        probe = open_study(
+            storage=storage, name=name, sampler=optuna.samplers.RandomSampler(), costs=len(c.costs)
+        )
         existing = len(probe.get_trials(deepcopy=False))
         # A resumed sampler gets a fresh seed so that it does not replay the first run's proposals.
-        sampler = make_sampler(c.sampler, seed=c.seed + existing, population=c.population, trials=c.trials)
-        return open_study(storage=storage, name=name, sampler=sampler)
+        kind = "random" if c.strategy in ("random", "uniform", "error-alloc") else c.sampler
+        sampler = make_sampler(kind, seed=c.seed + existing, population=c.population, trials=c.trials)
+        study = open_study(storage=storage, name=name, sampler=sampler, costs=len(c.costs))
+        if existing == 0:
+            for label, plan in initial_plans(self.setup):
+                study.enqueue_trial(self.setup.space.to_params(plan), user_attrs={"source": label})
+        return study
 
     def rows(self, study: optuna.Study) -> list[dict[str, Any]]:
         return [trial_row(t) for t in study.get_trials(deepcopy=False)]
@@ -195,7 +251,7 @@ class _OptunaSearch:
     def keep_front_checkpoints(
         self, rows: list[dict[str, Any]], model: torch.nn.Module | None, number: int
     ) -> None:
-        front = {int(r["trial"]) for r in front_rows(rows)}
+        front = {int(r["trial"]) for r in front_rows(rows, costs=self.config.costs)}
         if model is not None and number in front:
             path = self.folder.checkpoint(number)
             tmp = f"{path}.tmp"
@@ -209,26 +265,13 @@ class _OptunaSearch:
     def step(self, study: optuna.Study) -> tuple[optuna.trial.Trial, dict[str, Any], Proposal]:
         """Ask for a trial, turn its parameters into a repaired plan and record the proposal."""
         trial = study.ask()
-        setup, c = self.setup, self.config
+        setup = self.setup
         params = setup.space.suggest(trial)
         prop = setup.propose(setup.space.to_plan(params))
         requeued = trial.user_attrs.get("requeued_from")
-        record: dict[str, Any] = {
-            "plan": prop.key,
-            "flops_ratio": prop.flops_ratio,
-            "params_ratio": prop.params_ratio,
-            "macs": prop.macs,
-            "params": prop.params,
-            "within_budget": prop.within_budget,
-            "proposal_within_budget": prop.proposal_within_budget,
-            "budget": c.budget,
-            "budget_metric": c.budget_metric,
-            "layers_decomposed": prop.layers_decomposed,
-            "epochs": c.epochs,
-            "seed": trial_seed(c, requeued if requeued is not None else trial.number),
-            "device": str(setup.device),
-            "backend": "optuna",
-        }
+        number = requeued if requeued is not None else trial.number
+        record = proposal_record(setup, prop, number=number, backend="optuna")
+        record["source"] = trial.user_attrs.get("source", "requeued" if requeued is not None else "sampler")
         trial.set_user_attr("record", record)  # one write: each is a database commit
         set_budget_constraint(trial, prop.constraint)
         return trial, record, prop
@@ -250,7 +293,15 @@ class _OptunaSearch:
             if r["state"] == "COMPLETE" and r.get("status") == "ok" and r.get("plan")
         }
         deadline = time.monotonic() + c.timeout if c.timeout else None
-        while finished < c.trials and (deadline is None or time.monotonic() < deadline):
+        total = c.trials
+        if c.strategy in ("uniform", "error-alloc"):
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            total = min(c.trials, finished + waiting)
+            if total < c.trials:
+                progress.note(
+                    f"strategy {c.strategy} has {total} distinct plans: running {total} trials, not {c.trials}"
+                )
+        while finished < total and (deadline is None or time.monotonic() < deadline):
             trial, record, prop = self.step(study)
             result = self.execute(trial, record, prop, known)
             if result.status == "interrupted":
@@ -264,11 +315,13 @@ class _OptunaSearch:
                 study.tell(trial, result.values)
             finished += 1
             rows = self.save(study)
+            if finished % REPORT_EVERY == 0:
+                refresh_report(self.folder.path)
             if result.status == "ok":
                 known[prop.key] = next(r for r in rows if r["trial"] == trial.number)
             outcome = result.outcome
             self.keep_front_checkpoints(rows, outcome.model if outcome is not None else None, trial.number)
-            best = self.best(rows)
+            best = best_row(rows)
             progress.update(
                 done=finished,
                 number=trial.number,
@@ -290,22 +343,30 @@ class _OptunaSearch:
         known: dict[str, dict[str, Any]],
     ) -> _Result:
         if not prop.within_budget:
-            return _Result(
-                "infeasible",
-                [0.0, prop.flops_ratio],
-                {"fail_reason": "plan exceeds the budget even after repair"},
-            )
+            reason = "plan exceeds the budget even after repair"
+            return _Result("infeasible", objective_values(self.config, 0.0, record), {"fail_reason": reason})
         source = known.get(prop.key)
         if source is not None:  # the same plan again: reuse its result instead of recomputing it
-            extra = {k: source[k] for k in ("val_acc", "proxy_acc", "macs_measured", "finetune_steps")}
+            keys = ("val_acc", "proxy_acc", "macs_measured", "finetune_steps", "latency_ms", "latency_ratio")
+            extra = {k: source.get(k) for k in keys}
             extra["duplicate_of"] = source["trial"]
-            return _Result("duplicate", [source["val_acc"], prop.flops_ratio], extra)
+            return _Result(
+                "duplicate", objective_values(self.config, source["val_acc"], {**record, **extra}), extra
+            )
         old = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             outcome = self.runner.run(prop.plan, seed=record["seed"])
         except (KeyboardInterrupt, _Interrupted):
             self.interrupt(trial, record)
             return _Result("interrupted", None, {})
+        except OverBudget as exc:  # measured over a latency budget: never fine-tuned
+            extra = {
+                "latency_ms": exc.latency_ms,
+                "latency_ratio": exc.ratio,
+                "fail_reason": str(exc),
+                "within_budget": False,
+            }
+            return _Result("infeasible", objective_values(self.config, 0.0, {**record, **extra}), extra)
         except Exception as exc:  # a failed trial is recorded and the search goes on
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -313,7 +374,10 @@ class _OptunaSearch:
             return _Result("failed", None, {"fail_reason": f"{type(exc).__name__}: {first}"[:500]})
         finally:
             signal.signal(signal.SIGTERM, old)
-        return _Result("ok", [outcome.val_acc, prop.flops_ratio], outcome.metrics(), outcome)
+        metrics = outcome.metrics()
+        return _Result(
+            "ok", objective_values(self.config, outcome.val_acc, {**record, **metrics}), metrics, outcome
+        )
 
     def interrupt(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> None:
         study = trial.study
@@ -323,46 +387,142 @@ class _OptunaSearch:
         study.tell(trial, state=TrialState.FAIL)
 
     # -- results -------------------------------------------------------------------------
-    def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        front = front_rows(rows)
-        if not front:
-            return None
-        return max(front, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
-
     def finish(self, study: optuna.Study) -> SearchResult:
         rows = self.save(study)
-        front = front_rows(rows)
-        cache: dict[str, float] = self.folder.read_json("test_acc.json", {}) or {}
-        for row in front:
-            key = str(row["trial"])
-            if key not in cache:
-                model = _rebuild(self.setup, self.folder, row)
-                if model is not None:
-                    model = model.to(self.runner.device)
-                    if self.runner.channels_last:
-                        model = model.to(memory_format=torch.channels_last)
-                    cache[key] = self.runner.evaluate(model, split="test")
-            row["test_acc"] = cache.get(key)
-        self.folder.write_json("test_acc.json", cache)
-        best = self.best(rows)
-        knee = knee_index([r["val_acc"] for r in front], [r["flops_ratio"] for r in front]) if front else None
-        for i, row in enumerate(front):
-            row["is_knee"] = i == knee
-            row["is_best"] = best is not None and row["trial"] == best["trial"]
-        import pyarrow as pa
+        return finalize(self.setup, self.folder, self.runner, rows)
 
-        schema = TRIAL_SCHEMA.append(pa.field("test_acc", pa.float64()))
-        schema = schema.append(pa.field("is_knee", pa.bool_())).append(pa.field("is_best", pa.bool_()))
-        write_parquet(rows_to_table(front, schema), self.folder.pareto_parquet)
-        run = self.folder.read()
-        return SearchResult(
-            run_dir=self.folder.path,
-            trials=len(rows),
-            finished=count_finished(study.get_trials(deepcopy=False)),
-            front=front,
-            best=next((r for r in front if r.get("is_best")), None),
-            baseline=run.get("baseline", {}),
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest validation accuracy within budget, ties broken by fewer FLOPs."""
+    front = front_rows(rows)
+    if not front:
+        return None
+    return max(front, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
+
+
+PARETO_SCHEMA = (
+    TRIAL_SCHEMA.append(pa.field("test_acc", pa.float64()))
+    .append(pa.field("is_knee", pa.bool_()))
+    .append(pa.field("is_best", pa.bool_()))
+)
+
+
+def finalize(
+    setup: SearchSetup, folder: RunFolder, runner: TrialRunner, rows: list[dict[str, Any]]
+) -> SearchResult:
+    """Measure the front's test accuracy (once per member), mark the knee and the best, and write
+    pareto.parquet. Shared by both backends."""
+    costs = setup.config.costs
+    front = front_rows(rows, costs=costs)
+    cache: dict[str, float] = folder.read_json("test_acc.json", {}) or {}
+    for row in front:
+        key = str(row["trial"])
+        if key not in cache:
+            model = _rebuild(setup, folder, row)
+            if model is not None:
+                model = model.to(runner.device)
+                if runner.channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                cache[key] = runner.evaluate(model, split="test")
+        row["test_acc"] = cache.get(key)
+    folder.write_json("test_acc.json", cache)
+    best = best_row(rows)
+    knee = knee_index([r["val_acc"] for r in front], [r[costs[-1]] for r in front]) if front else None
+    for i, row in enumerate(front):
+        row["is_knee"] = i == knee
+        row["is_best"] = best is not None and row["trial"] == best["trial"]
+    write_parquet(rows_to_table(front, PARETO_SCHEMA), folder.pareto_parquet)
+    refresh_report(folder.path)
+    finished = sum(
+        1
+        for r in rows
+        if r["state"] == "COMPLETE" or (r["state"] == "FAIL" and r.get("status") != "interrupted")
+    )
+    return SearchResult(
+        run_dir=folder.path,
+        trials=len(rows),
+        finished=finished,
+        front=front,
+        best=next((r for r in front if r.get("is_best")), None),
+        baseline=folder.read().get("baseline", {}),
+    )
+
+
+REPORT_EVERY = 10  # trials between refreshes of report.html / report.md during a search
+
+
+def refresh_report(run_dir: str) -> None:
+    """Rewrite the run's report; a report that cannot be written yet (no finished trial) is skipped."""
+    from ._report import write_report
+
+    try:
+        write_report(run_dir)
+    except ValueError:
+        pass
+
+
+def create_run(setup: SearchSetup, folder: RunFolder, runner: TrialRunner) -> None:
+    """Measure the original model and write run.json (a new run only)."""
+    config = setup.config
+    baseline = _baseline(setup, runner)
+    folder.create(
+        {
+            "command": sys.argv,
+            "config": config.to_dict(),
+            "identity": setup.identity(),
+            "versions": setup.versions(),
+            "baseline": baseline,
+            "model": setup.spec.to_dict(),
+            "normalization": setup.normalization.to_dict(),
+            "input_shape": list(setup.data.input_shape),
+            "num_classes": setup.data.num_classes,
+            "classes": setup.data.classes,
+            "data": setup.data.describe(),
+            "space": {
+                "name": setup.space.space.name,
+                "source": setup.space.space.source,
+                "layers": len(setup.space.layers),
+            },
+            "device": str(setup.device),
+            "latency": _latency_record(setup),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    if not config.quiet:
+        print(
+            f"baseline {setup.spec.name}: val accuracy {baseline['val_acc']:.4f}, test {baseline['test_acc']:.4f}, "
+            f"{setup.profile.base_macs / 1e6:.2f} M MACs, {setup.profile.base_params / 1e6:.3f} M params; "
+            f"searching {len(setup.space.layers)} layers on {setup.device}",
+            file=sys.stderr,
         )
+
+
+def _latency_record(setup: SearchSetup) -> dict[str, Any] | None:
+    lat = setup.latency
+    if lat is None:
+        return None
+    return {
+        "target": lat.table.target.to_dict(),
+        "target_key": lat.table.key,
+        "baseline_ms": lat.base_ms,
+        "baseline_p10_ms": lat.baseline.p10_ms,
+        "baseline_p90_ms": lat.baseline.p90_ms,
+        "rest_ms": lat.rest_ms,
+        "pinned_layers": list(setup.pinned),
+        "table": lat.table.path,
+    }
+
+
+def make_runner(setup: SearchSetup) -> TrialRunner:
+    return TrialRunner(
+        model=setup.model,
+        data=setup.data,
+        normalization=setup.normalization,
+        device=setup.device,
+        settings=setup.settings,
+        seed=setup.config.seed,
+        profile=setup.profile,
+    )
 
 
 def run_search(config: RunConfig) -> SearchResult:
@@ -370,43 +530,13 @@ def run_search(config: RunConfig) -> SearchResult:
     folder = RunFolder(config.out)
     folder.check_writable()
     setup = prepare(config, log=not config.quiet)
-    identity = setup.identity()
-    resuming = folder.check_new_or_matching(identity)
-    if config.backend == "ray":
-        from ._ray_backend import run_ray_search
-
-        return run_ray_search(setup, folder, resuming=resuming)
+    resuming = folder.check_new_or_matching(setup.identity())
     with _locked(folder):
-        engine = _OptunaSearch(setup, folder)
+        runner = make_runner(setup)
         if not resuming:
-            baseline = _baseline(setup, engine.runner)
-            folder.create(
-                {
-                    "command": sys.argv,
-                    "config": config.to_dict(),
-                    "identity": identity,
-                    "versions": setup.versions(),
-                    "baseline": baseline,
-                    "model": setup.spec.to_dict(),
-                    "normalization": setup.normalization.to_dict(),
-                    "input_shape": list(setup.data.input_shape),
-                    "num_classes": setup.data.num_classes,
-                    "classes": setup.data.classes,
-                    "data": setup.data.describe(),
-                    "space": {
-                        "name": setup.space.space.name,
-                        "source": setup.space.space.source,
-                        "layers": len(setup.space.layers),
-                    },
-                    "device": str(setup.device),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                }
-            )
-            if not config.quiet:
-                print(
-                    f"baseline {setup.spec.name}: val accuracy {baseline['val_acc']:.4f}, test {baseline['test_acc']:.4f}, "
-                    f"{setup.profile.base_macs / 1e6:.2f} M MACs, {setup.profile.base_params / 1e6:.3f} M params; "
-                    f"searching {len(setup.space.layers)} layers on {setup.device}",
-                    file=sys.stderr,
-                )
-        return engine.run()
+            create_run(setup, folder, runner)
+        if config.backend == "ray":
+            from ._ray_backend import RaySearch
+
+            return RaySearch(setup, folder, runner).run()
+        return _OptunaSearch(setup, folder, runner).run()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._config import RunConfig
+from ._cost import CostModel
 from ._data import DataBundle, load_dataset
 from ._finetune import FinetuneConfig
 from ._flops import ModelProfile
@@ -26,6 +27,7 @@ from ._space import ResolvedSpace, load_space
 from ._spectra import SpectralTable
 from ._trial import TrialSettings, resolve_device
 from ._zoo import ModelSpec, build_model, resolve_model
+from .latency import LatencyModel, LatencyTable, Target
 
 __all__ = ["Proposal", "SearchSetup", "prepare"]
 
@@ -41,6 +43,7 @@ class Proposal:
     params: int
     proposal_within_budget: bool
     within_budget: bool
+    budget_ratio: float  # the plan's cost in the budget's metric (latency: the table's estimate)
 
     @property
     def constraint(self) -> float:
@@ -68,31 +71,31 @@ class SearchSetup:
     spectra: SpectralTable
     device: torch.device
     settings: TrialSettings
-
-    def metric_ratio(self, plan: Plan) -> float:
-        return self.profile.ratio(plan, metric=self.config.budget_metric)
+    cost: CostModel  # the budget's metric
+    latency: LatencyModel | None = None
+    pinned: tuple[str, ...] = ()  # layers kept dense: every FGA candidate is slower on the target
 
     def propose(self, plan: Plan) -> Proposal:
         """Repair ``plan`` into the budget (analytically; no model is built) and price it."""
-        budget, metric = self.config.budget, self.config.budget_metric
-        before = self.profile.ratio(plan, metric=metric) <= budget + 1e-12
+        budget = self.config.budget
+        before = self.cost.ratio(plan) <= budget + 1e-12
         fixed = (
             plan
             if before
-            else repair(
-                plan,
-                profile=self.profile,
-                spectra=self.spectra,
-                space=self.space,
-                budget=budget,
-                metric=metric,
-            )
+            else repair(plan, cost=self.cost, spectra=self.spectra, space=self.space, budget=budget)
         )
-        cost = self.profile.count(fixed, validate=False)
-        flops = cost.macs / self.profile.base_macs
-        params = cost.params / self.profile.base_params
-        within = (flops if metric == "flops" else params) <= budget + 1e-12
-        return Proposal(fixed, flops, params, cost.macs, cost.params, before, within)
+        count = self.profile.count(fixed, validate=False)
+        ratio = self.cost.ratio(fixed)
+        return Proposal(
+            plan=fixed,
+            flops_ratio=count.macs / self.profile.base_macs,
+            params_ratio=count.params / self.profile.base_params,
+            macs=count.macs,
+            params=count.params,
+            proposal_within_budget=before,
+            within_budget=ratio <= budget + 1e-12,
+            budget_ratio=ratio,
+        )
 
     def identity(self) -> dict[str, Any]:
         c = self.config
@@ -105,7 +108,8 @@ class SearchSetup:
             "data_dir": os.path.abspath(c.data_dir) if c.data_dir else None,
             "budget": c.budget,
             "budget_metric": c.budget_metric,
-            "objective": "accuracy,flops",
+            "objective": c.objective,
+            "target": self.latency.table.key if self.latency is not None else None,
             "space": self.space.space.source,
             "epochs": c.epochs,
             "seed": c.seed,
@@ -114,6 +118,7 @@ class SearchSetup:
             "val_limit": c.val_limit,
             "image_size": c.image_size,
             "strategy": c.strategy,
+            "backend": c.backend,
         }
 
     def versions(self) -> dict[str, str]:
@@ -171,10 +176,29 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
     space = load_space(chosen).resolve(profile.layers, strict=config.space is not None)
     if not space.layers:
         raise ValueError(f"space {chosen!r} leaves no layer of model {spec.name!r} to search")
+    latency = None
+    pinned: list[str] = []
+    if config.needs_latency:
+        assert config.target is not None
+        target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
+        latency = LatencyModel(model, profile, LatencyTable(target))
+        for layer in space.layers:
+            lowest = {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
+            if latency.slower_everywhere(layer.name, layer.groups, lowest):
+                pinned.append(layer.name)
+        space = space.without(set(pinned))
+        if log and pinned:
+            print(
+                f"latency on {target.hardware()}: {len(pinned)} layer(s) kept dense, every FGA candidate is slower",
+                file=sys.stderr,
+            )
     settings = TrialSettings(
         finetune=FinetuneConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr),
         calibration=min(config.calibration, len(data.train)),
         recalibration=config.recalibration,
+        latency_target=latency.table.target if latency is not None else None,
+        latency_base_ms=latency.base_ms if latency is not None else None,
+        max_latency_ratio=config.budget if config.budget_metric == "latency" else None,
     )
     return SearchSetup(
         config=config,
@@ -188,4 +212,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
         spectra=SpectralTable(model),
         device=device,
         settings=settings,
+        cost=CostModel(profile, config.budget_metric, latency=latency),
+        latency=latency,
+        pinned=tuple(pinned),
     )

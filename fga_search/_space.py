@@ -126,6 +126,12 @@ class ResolvedSpace:
     space: SearchSpace
     layers: tuple[LayerSpace, ...]
 
+    def without(self, names: set[str]) -> ResolvedSpace:
+        """The space with these layers removed (they stay dense)."""
+        return ResolvedSpace(
+            space=self.space, layers=tuple(layer for layer in self.layers if layer.name not in names)
+        )
+
     def distributions(self) -> dict[str, Any]:
         """Optuna distributions of every parameter, in a fixed order."""
         import optuna

@@ -1,14 +1,42 @@
-"""Rule-based plans: the uniform baseline (and, later, error allocation and random plans)."""
+"""Rule-based plans: the baselines a search must beat, and its warm start.
+
+* ``uniform``: every searched layer gets the same group count and the same rank fraction, the
+  largest fraction whose plan fits the budget; also the hand-set per-stage group sizes that FGA
+  reimplementations use (group size 4 for 16- and 32-channel layers, 8 for wider ones).
+* ``error-alloc``: data-free allocation in the spirit of ALDS (Liebenwein et al., NeurIPS 2021).
+  The relative approximation error of every layer, group count and rank follows from the trained
+  weights' singular values; bisection finds the smallest common error threshold for which the
+  cheapest choice of every layer under it fits the budget (the budget's own metric: FLOPs,
+  parameters or latency). This minimises the largest per-layer error.
+* ``blend``: per-layer mixtures of two plans, repaired into the budget.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import bisect
+import random
+from collections.abc import Callable, Collection
 
+from ._cost import CostModel
 from ._flops import ModelProfile
 from ._geometry import LayerInfo
 from ._plan import KEEP, Plan
+from ._repair import repair
+from ._space import LayerSpace, ResolvedSpace
+from ._spectra import SpectralTable
 
-__all__ = ["rank_for_fraction", "uniform_plan"]
+__all__ = [
+    "STRATEGIES",
+    "blend",
+    "error_alloc_plan",
+    "rank_for_fraction",
+    "stage_groups",
+    "strategy_plans",
+    "uniform_plan",
+    "uniform_space_plan",
+]
+
+STRATEGIES = ("search", "uniform", "error-alloc", "random")
 
 
 def _nearest_group(info: LayerInfo, groups: int) -> int:
@@ -67,3 +95,191 @@ def uniform_plan(
         if cost.macs >= cost.dense_macs and cost.params >= cost.dense_params:
             plan[info.name] = KEEP
     return plan
+
+
+# -- within a search space ---------------------------------------------------------------
+
+
+def _rank_range(layer: LayerSpace, g: int) -> tuple[int, int]:
+    """The ranks a space's rank fractions can express for group count ``g``."""
+    return layer.rank_for(g, layer.rank.low), layer.rank_for(g, layer.rank.high)
+
+
+def stage_groups(layer: LayerSpace) -> int:
+    """Hand-set group size: 4 channels per group up to 32 input channels, 8 above."""
+    channels = layer.info.in_channels // layer.info.base_groups
+    size = 4 if channels <= 32 else 8
+    wanted = max(1, channels // size)
+    return min(layer.groups, key=lambda g: (abs(g - wanted), g))
+
+
+def uniform_space_plan(
+    space: ResolvedSpace, cost: CostModel, *, budget: float, groups: int | Callable[[LayerSpace], int]
+) -> Plan | None:
+    """The uniform plan within the space (group counts it allows, rank fractions in its range),
+    the largest common fraction that fits the budget; None if even the smallest does not fit."""
+
+    def group_of(layer: LayerSpace) -> int:
+        g = groups(layer) if callable(groups) else groups
+        return g if g in layer.groups else min(layer.groups, key=lambda h: (abs(h - g), h))
+
+    def plan_at(fraction: float) -> Plan:
+        plan: Plan = {}
+        for layer in space.layers:
+            g = group_of(layer)
+            lo, hi = _rank_range(layer, g)
+            plan[layer.name] = (g, min(hi, max(lo, layer.rank_for(g, fraction))))
+        return plan
+
+    lo, hi = 0.0, 1.0
+    if cost.ratio(plan_at(lo)) > budget:
+        return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if cost.ratio(plan_at(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return plan_at(lo)
+
+
+def error_alloc_plan(
+    space: ResolvedSpace, cost: CostModel, spectra: SpectralTable, *, budget: float
+) -> Plan | None:
+    """Minimise the largest per-layer relative weight error subject to the budget (see module doc).
+
+    None if even keeping every searched layer at its cheapest choice does not fit."""
+    limit = budget * cost.base
+    outside = cost.total({}) - sum(cost.layer(layer.name, KEEP) for layer in space.layers)
+    # per layer and group count: the allowed ranks and the squared errors by rank, negated so
+    # that bisect finds the smallest rank at or under a threshold
+    tables = [
+        [(g, *_rank_range(layer, g), [-e for e in spectra.error2(layer.name, g)]) for g in layer.groups]
+        for layer in space.layers
+    ]
+
+    def choice(layer: LayerSpace, table: list, eps: float) -> tuple[float, tuple[int, int] | str]:  # type: ignore[type-arg]
+        best: tuple[float, tuple[int, int] | str] = (cost.layer(layer.name, KEEP), KEEP)
+        for g, lo, hi, neg_err in table:
+            r = max(lo, bisect.bisect_left(neg_err, -(eps * eps)))
+            if r <= hi:
+                c = cost.layer(layer.name, (g, r))
+                if c < best[0]:
+                    best = (c, (g, r))
+        return best
+
+    def plan_for(eps: float) -> tuple[float, Plan]:
+        total, plan = outside, {}
+        for layer, table in zip(space.layers, tables):
+            c, ch = choice(layer, table, eps)
+            total += c
+            plan[layer.name] = ch
+        return total, plan
+
+    lo, hi = 0.0, 1.0
+    total, plan = plan_for(hi)
+    if total > limit:
+        return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        t, p = plan_for(mid)
+        if t <= limit:
+            hi, plan = mid, p
+        else:
+            lo = mid
+    return plan
+
+
+def blend(
+    space: ResolvedSpace,
+    a: Plan,
+    b: Plan,
+    *,
+    weight: float,
+    seed: int,
+    cost: CostModel,
+    spectra: SpectralTable,
+    budget: float,
+) -> Plan:
+    """Each layer takes ``b``'s choice with probability ``weight``, else ``a``'s; then repaired."""
+    rng = random.Random(seed)
+    plan = {layer.name: (b if rng.random() < weight else a).get(layer.name, KEEP) for layer in space.layers}
+    return repair(plan, cost=cost, spectra=spectra, space=space, budget=budget)
+
+
+def strategy_plans(
+    strategy: str,
+    *,
+    space: ResolvedSpace,
+    cost: CostModel,
+    spectra: SpectralTable,
+    budget: float,
+    count: int,
+    seed: int = 0,
+) -> list[tuple[str, Plan]]:
+    """Up to ``count`` labelled plans of a rule-based strategy, or the search's warm start.
+
+    ``uniform``: each group count of the space and the hand-set per-stage groups at the budget,
+    then the same at 90 %, 80 %, ... of it; ``error-alloc``: the allocation at the budget, 95 %,
+    90 %, ...; ``search``: the uniform plans and the error allocation at the budget, and blends
+    between the two best-founded of them.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
+    group_counts = (
+        sorted(set.intersection(*(set(layer.groups) for layer in space.layers))) if space.layers else []
+    )
+
+    def uniforms(scale: float) -> list[tuple[str, Plan]]:
+        out = []
+        for g in group_counts:
+            plan = uniform_space_plan(space, cost, budget=budget * scale, groups=g)
+            if plan is not None:
+                out.append((f"uniform g={g} at {scale:.0%} of the budget", plan))
+        plan = uniform_space_plan(space, cost, budget=budget * scale, groups=stage_groups)
+        if plan is not None:
+            out.append((f"uniform per-stage group size at {scale:.0%} of the budget", plan))
+        return out
+
+    def allocs(scale: float) -> list[tuple[str, Plan]]:
+        plan = error_alloc_plan(space, cost, spectra, budget=budget * scale)
+        return [] if plan is None else [(f"error-alloc at {scale:.0%} of the budget", plan)]
+
+    out: list[tuple[str, Plan]] = []
+    if strategy == "random":
+        return out
+    if strategy == "uniform":
+        scale = 1.0
+        while len(out) < count and scale > 0.05:
+            out += uniforms(scale)
+            scale -= 0.1
+    elif strategy == "error-alloc":
+        scale = 1.0
+        while len(out) < count and scale > 0.05:
+            out += allocs(scale)
+            scale -= 0.05
+    else:
+        seeds = uniforms(1.0)
+        alloc = allocs(1.0)
+        out += seeds + alloc
+        if alloc:
+            for i, (label, plan) in enumerate(seeds):
+                mixed = blend(
+                    space,
+                    plan,
+                    alloc[0][1],
+                    weight=0.5,
+                    seed=seed + i,
+                    cost=cost,
+                    spectra=spectra,
+                    budget=budget,
+                )
+                out.append((f"blend of {label.split(' at ')[0]} and error-alloc", mixed))
+    unique: list[tuple[str, Plan]] = []
+    seen: set[tuple[tuple[str, object], ...]] = set()
+    for label, plan in out:
+        key = tuple(sorted(plan.items()))
+        if key not in seen:
+            seen.add(key)
+            unique.append((label, plan))
+    return unique[:count]

@@ -11,7 +11,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
-    "DIRECTIONS",
     "constraints",
     "count_finished",
     "make_sampler",
@@ -20,11 +19,6 @@ __all__ = [
     "set_budget_constraint",
     "trial_row",
 ]
-
-DIRECTIONS: list[Literal["maximize", "minimize"]] = [
-    "maximize",
-    "minimize",
-]  # validation accuracy, FLOPs ratio
 
 
 # Optuna >= 5 reads constraints set on the trial; older versions take a constraints_func.
@@ -57,13 +51,22 @@ def make_sampler(name: str, *, seed: int, population: int | None, trials: int) -
     raise ValueError(f"unknown sampler {name!r}; valid samplers: nsga2, tpe, random")
 
 
-def open_study(*, storage: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+def open_study(
+    *,
+    storage: str | optuna.storages.BaseStorage,
+    name: str,
+    sampler: optuna.samplers.BaseSampler,
+    costs: int = 1,
+) -> optuna.Study:
+    """Create or load the study: maximise accuracy, minimise each of ``costs`` cost ratios."""
     optuna.logging.set_verbosity(logging.WARNING)
+    directions: list[Literal["maximize", "minimize"]] = ["maximize"]
+    directions += ["minimize"] * costs
     try:
         return optuna.create_study(
             storage=storage,
             study_name=name,
-            directions=DIRECTIONS,
+            directions=directions,
             sampler=sampler,
             load_if_exists=True,
         )

@@ -23,8 +23,9 @@ from ._loader import DeviceSplit, Normalization
 from ._plan import KEEP, Plan
 from ._recalibrate import recalibrate_bn
 from ._surgery import decompose
+from .latency import Target, measure_latency
 
-__all__ = ["TrialOutcome", "TrialRunner", "TrialSettings", "resolve_device"]
+__all__ = ["OverBudget", "TrialOutcome", "TrialRunner", "TrialSettings", "resolve_device"]
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -55,6 +56,20 @@ class TrialSettings:
     refine_mode: str = "asymmetric"
     eval_batch: int = 512
     recalibrate_after_steps: int = 200  # re-estimate BN statistics after fine-tunes shorter than this
+    latency_target: Target | None = None  # measure each trial's model there, before fine-tuning
+    latency_base_ms: float | None = None  # the original model's latency on that target
+    max_latency_ratio: float | None = None  # a latency budget: slower models are never fine-tuned
+
+
+class OverBudget(Exception):
+    """The built model measures over the latency budget: it is not fine-tuned."""
+
+    def __init__(self, latency_ms: float, ratio: float) -> None:
+        super().__init__(
+            f"measured latency {latency_ms:.3f} ms is {ratio:.3f} of the original's, over the budget"
+        )
+        self.latency_ms = latency_ms
+        self.ratio = ratio
 
 
 @dataclass
@@ -67,6 +82,8 @@ class TrialOutcome:
     seconds: dict[str, float]
     finetune_steps: int
     model: nn.Module
+    latency_ms: float | None = None
+    latency_ratio: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -76,6 +93,8 @@ class TrialOutcome:
             "macs_measured": self.macs_measured,
             "params": self.params,
             "finetune_steps": self.finetune_steps,
+            "latency_ms": self.latency_ms,
+            "latency_ratio": self.latency_ratio,
             **{f"seconds_{k}": v for k, v in self.seconds.items()},
         }
 
@@ -154,6 +173,17 @@ class TrialRunner:
         if self.channels_last:
             student = student.to(memory_format=torch.channels_last)
         lap("decompose")
+        latency_ms = ratio = None
+        s = self.settings
+        if s.latency_target is not None:
+            assert s.latency_base_ms is not None
+            latency_ms = measure_latency(
+                student, input_shape=self.data.input_shape, target=s.latency_target
+            ).median_ms
+            ratio = latency_ms / s.latency_base_ms
+            lap("latency")
+            if s.max_latency_ratio is not None and ratio > s.max_latency_ratio:
+                raise OverBudget(latency_ms, ratio)
         recalibrate_bn(student, self.train, images=self.settings.recalibration, seed=seed, amp_dtype=self.amp)
         lap("recalibrate")
         proxy = self.evaluate(student)
@@ -194,4 +224,6 @@ class TrialRunner:
             seconds=seconds,
             finetune_steps=steps,
             model=student,
+            latency_ms=latency_ms,
+            latency_ratio=ratio,
         )

@@ -4,6 +4,7 @@ import itertools
 import random
 
 from fga_search import KEEP, ModelProfile, build_model
+from fga_search._cost import CostModel
 from fga_search._repair import repair
 from fga_search._space import load_space
 from fga_search._spectra import SpectralTable
@@ -25,7 +26,9 @@ def test_repair_brings_random_plans_within_budget() -> None:
             for layer in space.layers:
                 g = rng.choice((KEEP, *layer.groups))
                 plan[layer.name] = KEEP if g == KEEP else (g, layer.rank_for(g, rng.uniform(0.05, 1.0)))
-            fixed = repair(plan, profile=profile, spectra=spectra, space=space, budget=budget)
+            fixed = repair(
+                plan, cost=CostModel(profile, "flops"), spectra=spectra, space=space, budget=budget
+            )
             assert profile.ratio(fixed) <= budget
             if profile.ratio(plan) <= budget:
                 assert fixed == plan
@@ -37,7 +40,7 @@ def test_repair_brings_random_plans_within_budget() -> None:
 def test_repair_prefers_cheap_error() -> None:
     model, profile, space, spectra = setup()
     plan = {layer.name: (1, layer.info.exact_rank(1)) for layer in space.layers}
-    fixed = repair(plan, profile=profile, spectra=spectra, space=space, budget=0.3)
+    fixed = repair(plan, cost=CostModel(profile, "flops"), spectra=spectra, space=space, budget=0.3)
     assert 0.28 <= profile.ratio(fixed) <= 0.3
     errors = [spectra.relative_error(n, g, r) for n, (g, r) in fixed.items()]
     assert max(errors) < 0.9
@@ -46,7 +49,7 @@ def test_repair_prefers_cheap_error() -> None:
 def test_repair_decomposes_kept_layers_when_needed() -> None:
     model, profile, space, spectra = setup()
     plan = {layer.name: KEEP for layer in space.layers}
-    fixed = repair(plan, profile=profile, spectra=spectra, space=space, budget=0.2)
+    fixed = repair(plan, cost=CostModel(profile, "flops"), spectra=spectra, space=space, budget=0.2)
     assert profile.ratio(fixed) <= 0.2
     assert any(choice != KEEP for choice in fixed.values())
 

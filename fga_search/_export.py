@@ -1,0 +1,573 @@
+"""Export a run's chosen model: ``model.pt`` + ``spec.json``, optionally TorchScript and ONNX.
+
+``model.pt`` is a state_dict of plain tensors and ``spec.json`` says how to rebuild the module:
+the base architecture by name and the plan. :func:`load_exported` rebuilds it with
+``build_model`` + ``apply_plan_structure`` and loads the weights with ``weights_only=True``; no
+pickled class is involved. Every written format is checked against the PyTorch model on a random
+batch, and the FLOPs are measured with ``FlopCounterMode`` on the model loaded back from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._plan import Plan, load_plan, normalize_plan, plan_to_json
+from ._runview import RunView, is_usable, read_run
+
+__all__ = ["FORMATS", "TOLERANCE", "ExportResult", "ExportVerificationError", "export", "load_exported"]
+
+FORMATS = ("torchscript", "onnx")
+TOLERANCE = 1e-4  # max abs difference of any exported format's outputs (float32)
+SPEC_FORMAT = "fga-search-export/1"
+_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+
+
+class ExportVerificationError(RuntimeError):
+    """An exported file does not reproduce the PyTorch model (or its measured FLOPs differ)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: str  # the export folder
+    trial: int
+    pick: str  # "best", "knee" or "trial"
+    files: tuple[str, ...]  # absolute paths
+    spec: dict[str, Any]  # the content of spec.json
+    verification: dict[str, float | None]  # format -> max abs difference (None: not checked)
+    rebuilt: bool  # True: the weights were reproduced by re-running the trial
+
+    @property
+    def val_acc(self) -> float:
+        return float(self.spec["accuracy"]["val"])
+
+    @property
+    def test_acc(self) -> float:
+        return float(self.spec["accuracy"]["test"])
+
+    @property
+    def macs(self) -> int:
+        return int(self.spec["flops"]["macs"])
+
+    @property
+    def params(self) -> int:
+        return int(self.spec["params"]["count"])
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _read_spec(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "spec.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not an fga-search export (no spec.json)")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"{path} is not an fga-search export spec (format {SPEC_FORMAT!r})")
+    return spec
+
+
+def _build(spec: dict[str, Any], weights: str) -> nn.Module:
+    from ._surgery import apply_plan_structure
+    from ._zoo import build_model
+
+    model = build_model(spec["model"]["name"], num_classes=int(spec["num_classes"]))
+    apply_plan_structure(model, normalize_plan(spec["plan"]))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read weights {weights}: {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"weights {weights} do not fit the model described by spec.json: {first}") from None
+    return model.eval()
+
+
+def load_exported(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild an exported model (a folder written by :func:`export`, or its ``spec.json``).
+
+    The base architecture is built by name (zoo, torchvision or ``pkg.module:factory``), its
+    planned convs are replaced by FGA layers, and ``model.pt`` is loaded with ``weights_only=True``.
+    Returns the module in eval mode, on the CPU.
+    """
+    folder = os.fspath(path)
+    if os.path.isfile(folder) and os.path.basename(folder) == "spec.json":
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise ValueError(f"path {folder!r} is not an exported model folder")
+    spec = _read_spec(folder)
+    weights = os.path.join(folder, "model.pt")
+    if not os.path.isfile(weights):
+        raise ValueError(f"{folder} has spec.json but no model.pt")
+    return _build(spec, weights)
+
+
+# -- checks at the boundary ------------------------------------------------------------------
+def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = [f for f in formats.split(",") if f.strip()]
+    out: list[str] = []
+    for f in formats:
+        name = str(f).strip().lower()
+        if name not in FORMATS:
+            raise ValueError(f"unknown export format {f!r}; valid formats: {', '.join(FORMATS)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _check_pick(pick: object) -> str | int:
+    if isinstance(pick, bool):
+        raise ValueError(f"pick must be 'best', 'knee' or a trial id, got {pick!r}")
+    if isinstance(pick, int):
+        return pick
+    if isinstance(pick, str):
+        text = pick.strip()
+        if text in ("best", "knee"):
+            return text
+        if text.isdigit():
+            return int(text)
+    raise ValueError(f"pick must be 'best', 'knee' or a trial id, got {pick!r}")
+
+
+def _nearest_existing(path: str) -> str:
+    parent = path
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def _check_out(out: object) -> tuple[str, str]:
+    """The export folder (absolute) and the existing folder above it to stage the files in."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise ValueError(f"out must be a folder path, got {out!r}")
+    target = os.path.abspath(os.fspath(out))
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise ValueError(f"--out {target} exists and is not a folder")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, "spec.json")):
+            raise ValueError(f"--out {target} exists, is not empty and holds no earlier export")
+    anchor = _nearest_existing(os.path.dirname(target))
+    if not os.path.isdir(anchor):
+        raise ValueError(f"--out {target}: cannot create it, {anchor} is not a folder")
+    try:  # a real probe: permissions alone say little (root, read-only file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".fga-export-probe-", dir=anchor))
+    except OSError as exc:
+        raise ValueError(f"--out {target}: cannot write in {anchor} ({exc.strerror or exc})") from None
+    return target, anchor
+
+
+def _select(view: RunView, pick: str | int) -> tuple[dict[str, Any], str]:
+    usable = view.usable
+    if not usable:
+        raise ValueError(f"run folder {view.path} has no finished trials")
+    if pick == "best":
+        fitting = [r for r in usable if r.get("within_budget")]
+        if not fitting:
+            raise ValueError(f"run folder {view.path} has no finished trial within the budget")
+        return max(fitting, key=lambda r: (r["val_acc"], -r["flops_ratio"], -r["trial"])), "best"
+    if pick == "knee":
+        knee = view.knee
+        if knee is None:
+            raise ValueError(f"run folder {view.path} has no Pareto front, hence no knee")
+        return view.row(int(knee["trial"])) or knee, "knee"
+    assert isinstance(pick, int)
+    row = view.row(pick)
+    if row is None:
+        ids = [r["trial"] for r in view.rows]
+        raise ValueError(
+            f"trial {pick} does not exist in run folder {view.path} (trials {min(ids)}..{max(ids)})"
+            if ids
+            else f"trial {pick} does not exist in run folder {view.path} (no trials)"
+        )
+    if not is_usable(row):
+        reason = f": {row['fail_reason']}" if row.get("fail_reason") else ""
+        raise ValueError(
+            f"trial {pick} is not a finished trial (state {row.get('state')}, status {row.get('status')}{reason}); "
+            f"finished trials: {', '.join(str(r['trial']) for r in usable[:20])}{' ...' if len(usable) > 20 else ''}"
+        )
+    return row, "trial"
+
+
+def _in_model_order(plan: Plan, layers: Sequence[Any]) -> Plan:
+    order = {info.name: i for i, info in enumerate(layers)}
+    return dict(sorted(plan.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _weights_source(view: RunView, row: dict[str, Any]) -> dict[str, Any]:
+    """A duplicate trial reused an earlier trial's result: that trial holds the model."""
+    if row.get("status") == "duplicate" and row.get("duplicate_of") is not None:
+        source = view.row(int(row["duplicate_of"]))
+        if source is not None and is_usable(source):
+            return source
+    return row
+
+
+def _run_config(view: RunView, device: str | None) -> Any:
+    from ._config import RunConfig
+
+    stored = dict(view.record.get("config") or {})
+    if not stored:
+        raise ValueError(f"run folder {view.path}: run.json has no config to rebuild the run from")
+    known = {k: v for k, v in stored.items() if k in RunConfig.field_names()}
+    data_dir = (view.record.get("identity") or {}).get("data_dir")
+    if data_dir:
+        known["data_dir"] = data_dir  # absolute, whatever the working folder was
+    known.update(device=device, quiet=True, out=view.path)
+    return RunConfig(**known)
+
+
+def _check_same_inputs(view: RunView, setup: Any) -> None:
+    from ._runfolder import file_digest
+
+    identity = view.record.get("identity") or {}
+    if identity.get("model") not in (None, setup.spec.name):
+        raise ValueError(
+            f"run folder {view.path} was made with model {identity.get('model')!r}, not {setup.spec.name!r}"
+        )
+    digest = identity.get("weights_sha256")
+    if digest and digest != "quickstart" and setup.weights and file_digest(setup.weights) != digest:
+        raise ValueError(
+            f"weights file {setup.weights} changed since the run (its sha256 differs from run.json's)"
+        )
+
+
+# -- building the model ----------------------------------------------------------------------
+def _full_training_split(setup: Any, runner: Any) -> Any:
+    from ._data import Split
+    from ._loader import DeviceSplit
+
+    data = setup.data
+    full = Split(
+        torch.cat([data.train.images, data.val.images]), torch.cat([data.train.labels, data.val.labels])
+    )
+    return DeviceSplit(
+        full, device=runner.device, normalization=setup.normalization, channels_last=runner.channels_last
+    )
+
+
+def _final_finetune(model: nn.Module, setup: Any, runner: Any, *, epochs: float, seed: int) -> dict[str, Any]:
+    """Fine-tune longer on train + validation with distillation from the original model (run on
+    every batch, since random crops make cached logits useless)."""
+    from ._finetune import finetune
+    from ._recalibrate import recalibrate_bn
+
+    data = setup.data
+    split = _full_training_split(setup, runner)
+    config = dataclasses.replace(setup.settings.finetune, epochs=float(epochs), crop=True, flip=True)
+    stats = finetune(
+        model,
+        split,
+        config=config,
+        teacher=runner.model,
+        allow_flip=data.flip,
+        crop_pad=data.crop_pad,
+        seed=seed,
+    )
+    if stats.steps < setup.settings.recalibrate_after_steps:
+        recalibrate_bn(model, split, images=setup.settings.recalibration, seed=seed, amp_dtype=runner.amp)
+    return {
+        "epochs": float(epochs),
+        "data": "train+val",
+        "images": len(split),
+        "steps": stats.steps,
+        "final_loss": None if math.isnan(stats.final_loss) else stats.final_loss,
+        "teacher": "the original model, run on every batch",
+        "augment": {"crop_pad": data.crop_pad if config.crop else 0, "flip": bool(config.flip and data.flip)},
+        "recipe": config.to_dict(),
+    }
+
+
+def _trained_model(
+    view: RunView, setup: Any, runner: Any, row: dict[str, Any], plan: Plan
+) -> tuple[nn.Module, bool]:
+    from ._surgery import apply_plan_structure
+
+    path = view.folder.checkpoint(int(row["trial"]))
+    if os.path.isfile(path):
+        model = apply_plan_structure(copy.deepcopy(setup.model).cpu(), plan)
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"cannot load {path}: {first}") from None
+        model = model.to(runner.device).eval()
+        if runner.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model, False
+    # Only the front's members keep their weights: re-run the trial, deterministically.
+    outcome = runner.run(plan, seed=int(row["seed"]))
+    return outcome.model.eval(), True
+
+
+# -- writing and verifying -------------------------------------------------------------------
+def _max_diff(a: Any, b: Any) -> float:
+    return float((torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max())
+
+
+def _check(name: str, diff: float) -> float:
+    if not math.isfinite(diff) or diff > TOLERANCE:
+        raise ExportVerificationError(
+            f"verification failed: {name} differs from the PyTorch model by {diff:.3g} (max abs), over {TOLERANCE:g}"
+        )
+    return diff
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example)
+        traced.save(path)
+        loaded = torch.jit.load(path, map_location="cpu")
+    with torch.no_grad():
+        return _max_diff(loaded(example), reference)
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor) -> float | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript-based exporter: the dynamo one needs onnxscript, which is not a dependency.
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    try:
+        import onnx
+
+        onnx.checker.check_model(path)
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (out,) = session.run(["logits"], {"input": example.numpy()})
+    return _max_diff(out, reference)
+
+
+def _file_entry(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(target) and os.listdir(target):  # an earlier export: swap it out
+        old = tempfile.mkdtemp(prefix=".fga-export-old-", dir=parent)
+        os.rmdir(old)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)  # also over an empty folder
+
+
+def export(
+    run_dir: str,
+    *,
+    pick: str | int = "best",
+    out: str,
+    finetune_epochs: float = 0.0,
+    formats: Sequence[str] = (),
+    device: str | None = None,
+) -> ExportResult:
+    """Export one model of a run folder to ``out``: ``model.pt``, ``spec.json`` and ``formats``.
+
+    ``pick``: ``"best"`` (the highest validation accuracy within the budget, ties: fewer FLOPs),
+    ``"knee"`` (the front's knee) or a finished trial's id. The trial's weights come from the run
+    folder (front members) or from re-running the trial with its seed. ``finetune_epochs > 0``
+    fine-tunes further, with distillation, on the training and validation images. ``formats``:
+    any of ``"torchscript"``, ``"onnx"``. Accuracies are measured on the final model, FLOPs with
+    ``FlopCounterMode`` on the model loaded back from ``out``, and each format is checked against
+    the PyTorch model (max abs difference <= 1e-4, else :class:`ExportVerificationError`).
+
+    Needs the run's inputs (weights, data). ``ValueError`` on bad input; nothing is written then.
+    The export folder appears complete or not at all (an earlier export there is replaced).
+    """
+    from . import __version__
+    from ._flops import measure_macs
+    from ._setup import prepare
+    from ._trial import TrialRunner
+
+    chosen = _check_pick(pick)
+    kinds = _check_formats(formats)
+    if (
+        isinstance(finetune_epochs, bool)
+        or not isinstance(finetune_epochs, (int, float))
+        or not (math.isfinite(finetune_epochs) and finetune_epochs >= 0)
+    ):
+        raise ValueError(f"finetune_epochs must be a number >= 0, got {finetune_epochs!r}")
+    target, anchor = _check_out(out)
+    view = read_run(run_dir)
+    if target in (view.path, view.folder.models_dir):
+        raise ValueError(f"--out {target} must not be the run folder or its models/ folder")
+    row, how = _select(view, chosen)
+    source = _weights_source(view, row)
+    plan = load_plan(source["plan"])
+    setup = prepare(_run_config(view, device), log=False)
+    _check_same_inputs(view, setup)
+    runner = TrialRunner(
+        model=setup.model,
+        data=setup.data,
+        normalization=setup.normalization,
+        device=setup.device,
+        settings=setup.settings,
+        seed=setup.config.seed,
+        profile=setup.profile,
+    )
+    try:
+        staging = tempfile.mkdtemp(prefix=".fga-export-", dir=anchor)
+    except OSError as exc:
+        raise ValueError(f"--out {target}: cannot write in {anchor} ({exc.strerror or exc})") from None
+    try:
+        model, rebuilt = _trained_model(view, setup, runner, source, plan)
+        finetuned = None
+        if finetune_epochs > 0:
+            finetuned = _final_finetune(
+                model, setup, runner, epochs=finetune_epochs, seed=int(source["seed"])
+            )
+        val_acc = runner.evaluate(model, split="val")
+        test_acc = runner.evaluate(model, split="test")
+        model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+
+        record, base = view.record, view.baseline
+        weights = os.path.join(staging, "model.pt")
+        torch.save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, weights)
+        cost = setup.profile.count(plan)
+        base_macs = int(base.get("macs") or setup.profile.base_macs)
+        base_params = int(base.get("params") or setup.profile.base_params)
+        spec: dict[str, Any] = {
+            "format": SPEC_FORMAT,
+            "fga_search_version": __version__,
+            "torch_version": torch.__version__,
+            "model": dict(record.get("model") or setup.spec.to_dict()),
+            "plan": json.loads(plan_to_json(_in_model_order(plan, setup.profile.layers))),
+            "input_shape": list(setup.data.input_shape),
+            "input": "float32 (N, C, H, W) images scaled to [0, 1], then (x - mean) / std per channel",
+            "normalization": setup.normalization.to_dict(),
+            "num_classes": setup.data.num_classes,
+            "classes": list(setup.data.classes),
+        }
+        spec_path = os.path.join(staging, "spec.json")
+        _write_json(spec_path, spec)
+        loaded = load_exported(staging)  # the numbers below are measured on what a user loads
+        macs = measure_macs(loaded, input_shape=setup.data.input_shape)
+        params = sum(p.numel() for p in loaded.parameters())
+        if macs != cost.macs or params != cost.params:
+            raise ExportVerificationError(
+                f"verification failed: the exported model has {macs} MACs and {params} params, "
+                f"the plan's analytic count is {cost.macs} MACs and {cost.params} params"
+            )
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(8, *setup.data.input_shape, generator=gen)
+        with torch.no_grad():
+            reference = model(example)
+            verification: dict[str, float | None] = {
+                "model.pt": _check("model.pt", _max_diff(loaded(example), reference))
+            }
+        for kind in kinds:
+            path = os.path.join(staging, _FILES[kind])
+            if kind == "torchscript":
+                verification[kind] = _check(kind, _export_torchscript(loaded, example, path, reference))
+            else:
+                diff = _export_onnx(loaded, example, path, reference)
+                verification[kind] = None if diff is None else _check(kind, diff)
+        spec.update(
+            accuracy={"val": val_acc, "test": test_acc, "val_held_out": finetuned is None},
+            flops={
+                "macs": macs,
+                "flops": 2 * macs,
+                "ratio": macs / base_macs,
+                "analytic_macs": cost.macs,
+                "original_macs": base_macs,
+                "counted_with": "torch.utils.flop_counter.FlopCounterMode, per image",
+            },
+            params={"count": params, "ratio": params / base_params, "original": base_params},
+            latency=(
+                None
+                if source.get("latency_ms") is None
+                else {
+                    "ms": source["latency_ms"],
+                    "ratio": source.get("latency_ratio"),
+                    "measured": "during the search, on the trial's device",
+                }
+            ),
+            original={k: base.get(k) for k in ("val_acc", "test_acc", "macs", "params")},
+            source={
+                "run_dir": view.path,
+                "trial": int(row["trial"]),
+                "weights_from_trial": int(source["trial"]),
+                "pick": how,
+                "seed": int(source["seed"]),
+                "weights": "re-run" if rebuilt else "checkpoint",
+                "trial_val_acc": row.get("val_acc"),
+                "trial_test_acc": next(
+                    (r.get("test_acc") for r in view.front if r["trial"] in (row["trial"], source["trial"])),
+                    None,
+                ),
+                "trial_epochs": row.get("epochs"),
+                "dataset": record.get("data"),
+                "budget": (record.get("config") or {}).get("budget"),
+                "budget_metric": (record.get("config") or {}).get("budget_metric"),
+            },
+            finetune=finetuned,
+            verification={
+                "tolerance": TOLERANCE,
+                "max_abs_diff": verification,
+                "batch": list(example.shape),
+            },
+            files={
+                name: _file_entry(os.path.join(staging, name))
+                for name in ["model.pt", *(_FILES[k] for k in kinds)]
+            },
+            exported=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        _write_json(spec_path, spec)
+        os.chmod(staging, 0o755)
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    names = ["model.pt", "spec.json", *(_FILES[k] for k in kinds)]
+    return ExportResult(
+        out=target,
+        trial=int(row["trial"]),
+        pick=how,
+        files=tuple(os.path.join(target, n) for n in names),
+        spec=spec,
+        verification=verification,
+        rebuilt=rebuilt,
+    )

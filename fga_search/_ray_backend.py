@@ -1,0 +1,445 @@
+"""The Ray Tune backend: the same search as Ray Tune trials on a (local or remote) Ray cluster.
+
+* Trials come from Ray's ``OptunaSearch`` with the same define-by-run space, sampler, budget
+  constraint, repair and seed as the Optuna backend; its study lives in the run folder's
+  ``study.db`` as well.
+* The trained model and the dataset go into Ray's object store once (``tune.with_parameters``);
+  each worker process builds its ``TrialRunner`` once and reuses it for later trials
+  (``reuse_actors``), teacher-logit cache included.
+* Each trial uses the GPU Ray assigned to it (``CUDA_VISIBLE_DEVICES``), or the CPU.
+* A worker killed mid-trial is retried once (``FailureConfig(max_failures=1)``), then recorded as
+  failed. A killed driver is resumed by rerunning the same command (``Tuner.restore``, with the
+  searcher's state).
+* A local Ray instance listens on 127.0.0.1 only and starts no dashboard unless asked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import ray._private.ray_constants as constants
+import torch
+from ray import tune
+
+from ._data import DataBundle, Split
+from ._loader import Normalization
+from ._plan import load_plan
+from ._progress import Progress
+from ._records import rows_to_table, write_parquet
+from ._runfolder import RunFolder
+from ._search import (
+    REPORT_EVERY,
+    SearchResult,
+    best_row,
+    finalize,
+    initial_plans,
+    proposal_record,
+    refresh_report,
+)
+from ._setup import SearchSetup
+from ._study import make_sampler, open_study, set_budget_constraint
+from ._trial import OverBudget, TrialRunner, TrialSettings
+
+__all__ = ["RaySearch"]
+
+EXPERIMENT = "ray"
+_RUNNERS: dict[str, TrialRunner] = {}  # per worker process: built once, reused across trials
+
+
+@dataclass
+class _Payload:
+    """What every worker needs, shipped once through the object store (numpy arrays: zero-copy)."""
+
+    key: str
+    model: torch.nn.Module
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    name: str
+    classes: list[str]
+    flip: bool
+    crop_pad: int
+    normalization: Normalization
+    settings: TrialSettings
+    device: str | None
+    seed: int
+
+    def bundle(self) -> DataBundle:
+        def split(name: str) -> Split:
+            images, labels = self.splits[name]
+            return Split(torch.tensor(images), torch.tensor(labels))
+
+        return DataBundle(
+            name=self.name,
+            classes=self.classes,
+            train=split("train"),
+            val=split("val"),
+            test=split("test"),
+            flip=self.flip,
+            crop_pad=self.crop_pad,
+        )
+
+
+def _worker_device(requested: str | None) -> torch.device:
+    if requested is not None and requested != "cuda" and not requested.startswith("cuda"):
+        return torch.device(requested)
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda:0")  # Ray restricted CUDA_VISIBLE_DEVICES to this trial's GPU(s)
+    return torch.device("cpu")
+
+
+def _runner(payload: _Payload) -> TrialRunner:
+    device = _worker_device(payload.device)
+    key = f"{payload.key}:{device}"
+    if key not in _RUNNERS:
+        _RUNNERS.clear()
+        _RUNNERS[key] = TrialRunner(
+            model=payload.model,
+            data=payload.bundle(),
+            normalization=payload.normalization,
+            device=device,
+            settings=payload.settings,
+            seed=payload.seed,
+        )
+    return _RUNNERS[key]
+
+
+def _trainable(config: dict[str, Any], payload: _Payload) -> None:
+    meta = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "gpu_ids": json.dumps([str(g) for g in ray.get_gpu_ids()]),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "pid": os.getpid(),
+    }
+    costs = {"flops_ratio": config["flops_ratio"], "latency_ratio": config.get("latency_estimate_ratio")}
+    if not config["within_budget"]:
+        tune.report({"val_acc": 0.0, **costs, "status": "infeasible", **meta})
+        return
+    runner = _runner(payload)
+    try:
+        outcome = runner.run(load_plan(config["plan"]), seed=config["seed"])
+    except OverBudget as exc:  # measured over a latency budget: never fine-tuned
+        tune.report(
+            {
+                "val_acc": 0.0,
+                **costs,
+                "latency_ms": exc.latency_ms,
+                "latency_ratio": exc.ratio,
+                "status": "infeasible",
+                **meta,
+            }
+        )
+        return
+    metrics = {
+        **outcome.metrics(),
+        "flops_ratio": config["flops_ratio"],
+        "status": "ok",
+        "device": str(runner.device),
+        **meta,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+        torch.save(state, os.path.join(folder, "model.pt"))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{int(trial.config.get('number', -1)):05d}_{trial.trial_id}"
+
+
+def _init_ray(setup: SearchSetup) -> None:
+    """Join ``--ray-address`` or start a local instance bound to 127.0.0.1 with no dashboard."""
+    c = setup.config
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save experiment state at every step
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    local = c.ray_address is None
+    if local:
+        # Ray then takes 127.0.0.1 as the node address and binds its servers to loopback only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+    if ray.is_initialized():
+        return
+    try:
+        if local:
+            # address="local": always a new instance, never an existing cluster found on this machine
+            ray.init(
+                address="local",
+                include_dashboard=c.ray_dashboard,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        else:
+            ray.init(address=c.ray_address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot reach the Ray cluster at {c.ray_address or 'a local instance'}: {first}"
+        ) from None
+
+
+_SETUPS: dict[str, SearchSetup] = {}  # the driver's setups, looked up by the pickled space below
+
+
+class _Space:
+    """OptunaSearch's define-by-run space. Ray pickles the searcher at every experiment
+    checkpoint, so this holds only a key: the setup (model, data) stays in the driver."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        setup = _SETUPS[self.key]
+        params = setup.space.suggest(trial)
+        prop = setup.propose(setup.space.to_plan(params))
+        record = proposal_record(setup, prop, number=trial.number, backend="ray")
+        record["source"] = trial.user_attrs.get("source", "sampler")
+        trial.set_user_attr("record", record)
+        set_budget_constraint(trial, prop.constraint)
+        return {"number": trial.number, **record}
+
+
+def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:
+    """A Ray trial as a row of the common schema."""
+    row: dict[str, Any] = {k: v for k, v in config.items() if k != "number"}
+    row["trial"] = int(config["number"])
+    keep = {
+        "val_acc",
+        "proxy_acc",
+        "macs_measured",
+        "finetune_steps",
+        "status",
+        "device",
+        "node_id",
+        "node_ip",
+        "gpu_ids",
+    }
+    keep |= {"latency_ms", "latency_ratio"}
+    keep |= {k for k in metrics if k.startswith("seconds_")}
+    row.update({k: v for k, v in metrics.items() if k in keep})
+    if error is not None:
+        row.update(state="FAIL", status="failed", fail_reason=str(error).strip().splitlines()[-1][:500])
+    elif metrics:
+        row["state"] = "COMPLETE"
+    else:
+        row.update(state="RUNNING", status="running")
+    end = metrics.get("timestamp")
+    if end is not None:
+        total = float(metrics.get("time_total_s") or 0.0)
+        row["datetime_complete"] = dt.datetime.fromtimestamp(end).isoformat()
+        row["datetime_start"] = dt.datetime.fromtimestamp(end - total).isoformat()
+    row["backend"] = "ray"
+    return row
+
+
+class _Progress(tune.Callback):
+    """Prints a progress line as each trial ends and keeps trials.parquet current. Small when
+    pickled (Tune saves its callbacks with the experiment)."""
+
+    live: dict[int, dict[str, Any]]
+
+    def __init__(self, parquet: str, total: int, quiet: bool) -> None:
+        self.parquet = parquet
+        self.total = total
+        self.quiet = quiet
+        self.live = {}
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended(trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended(trial, error=getattr(trial, "error_msg", None) or "the trial raised an error")
+
+    def ended(self, trial: Any, *, error: str | None) -> None:
+        if "number" not in trial.config:
+            return
+        row = trial_row(trial.config, trial.last_result or {}, error)
+        self.live[row["trial"]] = row
+        rows = sorted(self.live.values(), key=lambda r: r["trial"])
+        write_parquet(rows_to_table(rows), self.parquet)
+        if len(rows) % REPORT_EVERY == 0:
+            refresh_report(os.path.dirname(self.parquet))
+        best = best_row(rows)
+        Progress(total=self.total, done=0, quiet=self.quiet).update(
+            done=len(rows),
+            number=row["trial"],
+            status="done" if row["status"] == "ok" else row["status"],
+            val_acc=row.get("val_acc") if row["status"] == "ok" else None,
+            ratio=row.get("flops_ratio"),
+            seconds=row.get("seconds_total"),
+            best=(best["trial"], best["val_acc"], best["flops_ratio"]) if best else None,
+        )
+
+
+class RaySearch:
+    def __init__(self, setup: SearchSetup, folder: RunFolder, runner: TrialRunner) -> None:
+        self.setup = setup
+        self.config = setup.config
+        self.folder = folder
+        self.runner = runner
+
+    # -- the searcher ---------------------------------------------------------------------
+    def searcher(self) -> Any:
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        c = self.config
+        kind = "random" if c.strategy in ("random", "uniform", "error-alloc") else c.sampler
+        sampler = make_sampler(kind, seed=c.seed, population=c.population, trials=c.trials)
+        storage = optuna.storages.RDBStorage(c.storage or f"sqlite:///{self.folder.study_db}")
+        name = c.study_name or f"fga-search:{self.folder.path}"
+        study = open_study(storage=storage, name=name, sampler=sampler, costs=len(c.costs))
+        if not study.get_trials(deepcopy=False):  # a new run: the warm start, as the Optuna backend's
+            for label, plan in initial_plans(self.setup):
+                study.enqueue_trial(self.setup.space.to_params(plan), user_attrs={"source": label})
+        alg = OptunaSearch(
+            space=_Space(self.folder.path),
+            metric=["val_acc", *c.costs],
+            mode=["max", *(["min"] * len(c.costs))],
+            sampler=sampler,
+            storage=storage,
+            study_name=name,
+            seed=c.seed,
+        )
+        return ConcurrencyLimiter(alg, max_concurrent=c.max_concurrent) if c.max_concurrent else alg
+
+    def payload(self) -> _Payload:
+        s = self.setup
+        splits = {
+            name: (getattr(s.data, name).images.numpy(), getattr(s.data, name).labels.numpy())
+            for name in ("train", "val", "test")
+        }
+        return _Payload(
+            key=f"{self.folder.path}:{os.getpid()}",
+            model=s.model.cpu(),
+            splits=splits,
+            name=s.data.name,
+            classes=s.data.classes,
+            flip=s.data.flip,
+            crop_pad=s.data.crop_pad,
+            normalization=s.normalization,
+            settings=s.settings,
+            device=self.config.device,
+            seed=self.config.seed,
+        )
+
+    def resources(self) -> dict[str, float]:
+        gpus = self.config.gpus_per_trial
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return {"cpu": self.config.cpus_per_trial, "gpu": gpus}
+
+    # -- records -------------------------------------------------------------------------
+    def collect(self, results: Any) -> list[dict[str, Any]]:
+        rows = []
+        for result in results:
+            if not result.config or "number" not in result.config:
+                continue
+            error = None if result.error is None else (str(result.error) or type(result.error).__name__)
+            row = trial_row(result.config, result.metrics or {}, error)
+            rows.append(row)
+            if row["status"] == "ok" and result.checkpoint is not None:
+                row["_checkpoint"] = result.checkpoint
+        return sorted(rows, key=lambda r: r["trial"])
+
+    def orphans(self) -> list[dict[str, Any]]:
+        """Study trials a killed driver left RUNNING (asked for, never run by Tune): recorded as
+        failed ('interrupted'), as the Optuna backend does."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from ._study import open_study
+        from ._study import trial_row as study_row
+
+        c = self.config
+        study = open_study(
+            storage=c.storage or f"sqlite:///{self.folder.study_db}",
+            name=c.study_name or f"fga-search:{self.folder.path}",
+            sampler=optuna.samplers.RandomSampler(),
+            costs=len(c.costs),
+        )
+        out = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            row = study_row(t)
+            row.update(
+                state="FAIL",
+                status="interrupted",
+                fail_reason="interrupted: the driver stopped before the trial ran",
+            )
+            out.append(row)
+        return out
+
+    def keep_front_checkpoints(self, rows: list[dict[str, Any]]) -> None:
+        from ._search import front_rows
+
+        front = {int(r["trial"]) for r in front_rows(rows, costs=self.config.costs)}
+        for row in rows:
+            ckpt = row.pop("_checkpoint", None)
+            if (
+                ckpt is None
+                or row["trial"] not in front
+                or os.path.isfile(self.folder.checkpoint(row["trial"]))
+            ):
+                continue
+            with ckpt.as_directory() as folder:
+                shutil.copyfile(os.path.join(folder, "model.pt"), self.folder.checkpoint(row["trial"]))
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        c = self.config
+        _init_ray(self.setup)
+        storage_path = os.path.abspath(c.storage_path or self.folder.path)
+        experiment = os.path.join(storage_path, EXPERIMENT)
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, payload=self.payload()), self.resources()
+        )
+        _SETUPS[self.folder.path] = self.setup
+        callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
+        if tune.Tuner.can_restore(experiment):
+            Progress(total=c.trials, done=0, quiet=c.quiet).note(
+                f"resuming the Ray experiment in {experiment}"
+            )
+            tuner = tune.Tuner.restore(
+                experiment,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=self.searcher(),
+                    num_samples=c.trials,
+                    reuse_actors=True,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                    time_budget_s=c.timeout,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT,
+                    storage_path=storage_path,
+                    failure_config=tune.FailureConfig(max_failures=1),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[callback],
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
+        rows = self.collect(results) + self.orphans()
+        self.keep_front_checkpoints(rows)
+        rows.sort(key=lambda r: r["trial"])
+        write_parquet(rows_to_table(rows), self.folder.trials_parquet)
+        return finalize(self.setup, self.folder, self.runner, rows)

@@ -1,0 +1,341 @@
+"""Latency on the deployment target: whole models and single layers, with an on-disk lookup table.
+
+FLOPs are not speed: an FGA pair at a fifth of a conv's FLOPs can run slower than the conv. This
+module measures what a target actually does.
+
+* ``Target``: where and how a model runs: ``cpu`` with N threads or ``cuda``, batch size, dtype
+  (float32, bf16, fp16) and memory format (channels_last).
+* ``measure_latency``: warm-up, then repeated timed forward passes; the median. On CUDA it
+  times with CUDA events, with ``cudnn.benchmark`` on.
+* ``LatencyTable``: per-layer latencies (a dense conv, or an FGA pair) cached on disk, keyed by
+  the target (device name, dtype, batch, memory format) and the layer's geometry (c, n, kernel,
+  stride, padding, dilation, conv groups, input size, g, r), so a search measures each candidate
+  once. A table file belongs to one target: a file written for another device is ignored.
+* ``LatencyModel``: a whole-model estimate for any plan = the measured original model minus its
+  convs' table latencies (the "rest": BN, activations, pooling, the classifier) plus the plan's
+  layers' table latencies. Ranks between measured anchors are interpolated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ._data import cache_dir
+from ._fga import FGAConv2d
+from ._flops import ModelProfile
+from ._geometry import LayerInfo
+from ._plan import KEEP
+
+__all__ = ["LatencyModel", "LatencyStats", "LatencyTable", "Target", "measure_latency"]
+
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where latency is measured. ``threads`` applies to the CPU (None: PyTorch's default)."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    batch: int = 1
+    dtype: str = "float32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"target dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.batch < 1:
+            raise ValueError(f"target batch must be >= 1, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"target threads must be >= 1, got {self.threads}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"target device must be cpu or cuda[:N], got {self.device!r}")
+
+    @classmethod
+    def parse(
+        cls, spec: str, *, batch: int = 1, dtype: str = "float32", channels_last: bool | None = None
+    ) -> Target:
+        """``cpu``, ``cpu:THREADS``, ``cuda`` or ``cuda:INDEX``."""
+        kind, _, arg = spec.partition(":")
+        if kind == "cpu":
+            if arg and not arg.isdigit():
+                raise ValueError(f"--target {spec!r}: cpu:THREADS needs a thread count, e.g. cpu:2")
+            return cls("cpu", int(arg) if arg else None, batch, dtype, bool(channels_last))
+        if kind == "cuda":
+            if arg and not arg.isdigit():
+                raise ValueError(f"--target {spec!r}: cuda:INDEX needs a device index, e.g. cuda:0")
+            return cls(spec, None, batch, dtype, True if channels_last is None else channels_last)
+        raise ValueError(f"--target {spec!r}: use cpu, cpu:THREADS, cuda or cuda:INDEX")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def hardware(self) -> str:
+        if self.device == "cpu":
+            threads = self.threads or torch.get_num_threads()
+            return f"{_cpu_name()} ({threads} threads)"
+        if not torch.cuda.is_available():
+            raise ValueError(f"target {self.device!r} asked for, but CUDA is not available here")
+        return torch.cuda.get_device_name(self.torch_device)
+
+    def key(self) -> str:
+        """The lookup-table key of this target: hardware, dtype, batch and memory format."""
+        layout = "channels_last" if self.channels_last else "nchw"
+        return f"{self.hardware()}|{self.dtype}|batch {self.batch}|{layout}|torch {torch.__version__}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "hardware": self.hardware()}
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+
+def _prepare(module: nn.Module, target: Target) -> nn.Module:
+    m = copy.deepcopy(module).eval().to(device=target.torch_device, dtype=target.torch_dtype)
+    if target.channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+@torch.inference_mode()
+def measure_latency(
+    module: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    target: Target,
+    warmup: int = 10,
+    repeats: int = 50,
+) -> LatencyStats:
+    """Median forward latency of ``module`` (a copy of it, on the target) for one batch."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    model = _prepare(module, target)
+    x = torch.randn((target.batch, *input_shape), device=target.torch_device, dtype=target.torch_dtype)
+    if target.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times: list[float] = []
+    if target.device == "cpu":
+        with _threads(target.threads):
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - start) * 1e3)
+    else:
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            for _ in range(max(warmup, 3)):
+                model(x)
+            torch.cuda.synchronize(target.torch_device)
+            pairs = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(repeats)
+            ]
+            for begin, end in pairs:
+                begin.record()
+                model(x)
+                end.record()
+            torch.cuda.synchronize(target.torch_device)
+            times = [begin.elapsed_time(end) for begin, end in pairs]
+        finally:
+            torch.backends.cudnn.benchmark = old
+    ordered = sorted(times)
+    return LatencyStats(
+        median_ms=statistics.median(times),
+        p10_ms=ordered[int(0.1 * (len(ordered) - 1))],
+        p90_ms=ordered[int(0.9 * (len(ordered) - 1))],
+        runs=len(times),
+    )
+
+
+def _geometry(info: LayerInfo, in_hw: tuple[int, int]) -> str:
+    kh, kw = info.kernel_size
+    return (
+        f"c{info.in_channels}-n{info.out_channels}-k{kh}x{kw}-s{info.stride[0]}x{info.stride[1]}"
+        f"-p{info.padding if isinstance(info.padding, str) else 'x'.join(map(str, info.padding))}"
+        f"-d{info.dilation[0]}x{info.dilation[1]}-G{info.base_groups}-b{int(info.bias)}-{info.padding_mode}"
+        f"-hw{in_hw[0]}x{in_hw[1]}"
+    )
+
+
+def layer_module(info: LayerInfo, choice: tuple[int, int] | str) -> nn.Module:
+    """A stand-alone module with the layer's geometry (random weights): the dense conv or the FGA pair."""
+    conv = nn.Conv2d(
+        info.in_channels,
+        info.out_channels,
+        info.kernel_size,
+        stride=info.stride,
+        padding=info.padding,  # type: ignore[arg-type]
+        dilation=info.dilation,
+        groups=info.base_groups,
+        bias=info.bias,
+        padding_mode=info.padding_mode,  # type: ignore[arg-type]
+    )
+    if choice == KEEP:
+        return conv
+    assert isinstance(choice, tuple)
+    return FGAConv2d.shaped_like(conv, groups=choice[0], rank=choice[1])
+
+
+class LatencyTable:
+    """Per-layer latencies on one target, measured on demand and kept in a JSON file."""
+
+    def __init__(
+        self, target: Target, *, path: str | None = None, repeats: int = 30, warmup: int = 5
+    ) -> None:
+        self.target = target
+        self.key = target.key()
+        digest = hashlib.sha256(self.key.encode()).hexdigest()[:16]
+        self.path = path or os.path.join(cache_dir(), "latency", f"{digest}.json")
+        self.repeats = repeats
+        self.warmup = warmup
+        self.entries: dict[str, float] = {}
+        self.measured = 0  # measurements made by this object (not loaded from disk)
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if data.get("target") == self.key:  # a table for another device is ignored
+                self.entries = {str(k): float(v) for k, v in data.get("entries", {}).items()}
+        except (OSError, ValueError):
+            pass
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"target": self.key, "entries": self.entries}, f, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def entry_key(self, info: LayerInfo, in_hw: tuple[int, int], choice: tuple[int, int] | str) -> str:
+        tail = "dense" if choice == KEEP else f"g{choice[0]}-r{choice[1]}"
+        return f"{_geometry(info, in_hw)}|{tail}"
+
+    def measure(self, info: LayerInfo, in_hw: tuple[int, int], choice: tuple[int, int] | str) -> float:
+        """The layer's median latency in ms, measured once per key (then read from the table)."""
+        key = self.entry_key(info, in_hw, choice)
+        if key not in self.entries:
+            module = layer_module(info, choice)
+            stats = measure_latency(
+                module,
+                input_shape=(info.in_channels, *in_hw),
+                target=self.target,
+                warmup=self.warmup,
+                repeats=self.repeats,
+            )
+            self.entries[key] = stats.median_ms
+            self.measured += 1
+            self.save()
+        return self.entries[key]
+
+    def estimate(self, info: LayerInfo, in_hw: tuple[int, int], choice: tuple[int, int] | str) -> float:
+        """The layer's latency, interpolated linearly in the rank between measured anchor ranks
+        (1, 1/8, 1/4, 1/2 and all of the exact rank) unless this exact choice was measured."""
+        if choice == KEEP:
+            return self.measure(info, in_hw, KEEP)
+        assert isinstance(choice, tuple)
+        g, r = choice
+        exact = self.entries.get(self.entry_key(info, in_hw, choice))
+        if exact is not None:
+            return exact
+        top = info.exact_rank(g)
+        anchors = sorted({1, max(1, top // 8), max(1, top // 4), max(1, top // 2), top})
+        lo = max(a for a in anchors if a <= r)
+        hi = min(a for a in anchors if a >= r)
+        t_lo = self.measure(info, in_hw, (g, lo))
+        if hi == lo:
+            return t_lo
+        t_hi = self.measure(info, in_hw, (g, hi))
+        return t_lo + (t_hi - t_lo) * (r - lo) / (hi - lo)
+
+
+class LatencyModel:
+    """Whole-model latency estimates for plans, from the measured original and a ``LatencyTable``."""
+
+    def __init__(
+        self, model: nn.Module, profile: ModelProfile, table: LatencyTable, *, repeats: int = 50
+    ) -> None:
+        self.profile = profile
+        self.table = table
+        self.input_shape = profile.input_shape
+        self.baseline = measure_latency(
+            model, input_shape=self.input_shape, target=table.target, repeats=repeats
+        )
+        self.dense = {
+            info.name: table.measure(info, profile.in_hw[info.name], KEEP)
+            for info in profile.layers
+            if info.name in profile.in_hw
+        }
+        self.rest_ms = self.baseline.median_ms - sum(self.dense.values())
+
+    @property
+    def base_ms(self) -> float:
+        return self.baseline.median_ms
+
+    def layer_ms(self, name: str, choice: tuple[int, int] | str) -> float:
+        if choice == KEEP:
+            return self.dense.get(name, 0.0)
+        info = self.profile.by_name[name]
+        return self.table.estimate(info, self.profile.in_hw[name], choice)
+
+    def estimate_ms(self, plan: Mapping[str, tuple[int, int] | str]) -> float:
+        changed = sum(self.layer_ms(n, c) - self.dense.get(n, 0.0) for n, c in plan.items() if c != KEEP)
+        return self.baseline.median_ms + changed
+
+    def ratio(self, plan: Mapping[str, tuple[int, int] | str]) -> float:
+        return self.estimate_ms(plan) / self.baseline.median_ms
+
+    def slower_everywhere(self, name: str, groups: Sequence[int], min_rank: Mapping[int, int]) -> bool:
+        """True if every FGA candidate of the layer (each group count at its smallest rank, the
+        fastest it can be) is slower than the dense layer on this target."""
+        dense = self.dense.get(name, 0.0)
+        return all(
+            self.table.measure(self.profile.by_name[name], self.profile.in_hw[name], (g, min_rank[g]))
+            >= dense
+            for g in groups
+        )

@@ -1,0 +1,342 @@
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from fga_search import build_model, export, load_dataset, load_exported, search
+from fga_search._cli import main
+from fga_search._evaluate import evaluate
+from fga_search._flops import measure_macs
+from fga_search._loader import DeviceSplit, Normalization
+from fga_search._plan import load_plan
+from fga_search._surgery import apply_plan_structure
+from helpers import digits_trial, fake_run, rows
+
+PLAN = {"features.3": [8, 5], "features.6": [8, 2], "features.10": [8, 8], "features.13": [4, 3]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real quickstart run (digits CNN), small: 8 trials of 1 epoch."""
+    home = tmp_path_factory.mktemp("home")
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        search(out=str(out), budget=0.2, trials=8, epochs=1, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, DeviceSplit]:
+    """A batch of real, normalised digits images and the test split."""
+    data = load_dataset("digits", seed=0)
+    norm = Normalization(mean=(0.3058,), std=(0.3763,))
+    test = DeviceSplit(data.test, device=torch.device("cpu"), normalization=norm)
+    return next(test.batches(64)).x, test
+
+
+def run_model(run_dir: Path, row: dict) -> torch.nn.Module:
+    """The run's own model of a front member: its checkpoint in models/."""
+    model = apply_plan_structure(build_model("digits_cnn", num_classes=10), load_plan(row["plan"]))
+    state = torch.load(run_dir / "models" / f"trial_{row['trial']:05d}.pt", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_best_round_trips_in_every_format(
+    run_dir: Path, tmp_path: Path, digits: tuple[torch.Tensor, DeviceSplit]
+) -> None:
+    out = tmp_path / "best"
+    result = export(str(run_dir), pick="best", out=str(out), formats=("torchscript", "onnx"), device="cpu")
+    front = rows(run_dir / "pareto.parquet")
+    best = next(r for r in front if r["is_best"])
+    done = [r for r in rows(run_dir / "trials.parquet") if r["status"] == "ok" and r["within_budget"]]
+    top = max(r["val_acc"] for r in done)
+    assert best["val_acc"] == top
+    assert result.trial == best["trial"] and result.pick == "best" and not result.rebuilt
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "model.torchscript.pt", "spec.json"]
+    x, test = digits
+    loaded = load_exported(out)
+    ours = run_model(run_dir, best)
+    with torch.no_grad():
+        reference = ours(x)
+        assert torch.equal(loaded(x), reference)  # identical outputs to the run's model
+        scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+        assert (scripted(x) - reference).abs().max().item() <= 1e-4
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x.numpy()})
+    assert logits.shape == (64, 10)
+    assert float((torch.from_numpy(logits) - reference).abs().max()) <= 1e-4
+    # the numbers are measured on the loaded model and equal the trial's
+    macs = measure_macs(loaded, input_shape=(1, 8, 8))
+    assert macs == best["macs"] == result.macs
+    assert sum(p.numel() for p in loaded.parameters()) == best["params"] == result.params
+    test_acc = evaluate(loaded, test)
+    assert result.test_acc == pytest.approx(test_acc, abs=1e-9)
+    assert result.test_acc == pytest.approx(best["test_acc"], abs=1e-9)  # the same weights, the same data
+    assert result.val_acc == pytest.approx(best["val_acc"], abs=1e-9)
+    spec = json.loads((out / "spec.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
+    assert spec["model"] == run["model"] == {"source": "zoo", "name": "digits_cnn", "space": "default"}
+    assert load_plan(json.dumps(spec["plan"])) == load_plan(best["plan"])
+    assert spec["input_shape"] == [1, 8, 8] and spec["num_classes"] == 10 and spec["classes"][3] == "3"
+    assert spec["normalization"] == run["normalization"]
+    assert spec["flops"]["macs"] == macs and spec["flops"]["ratio"] == pytest.approx(best["flops_ratio"])
+    assert spec["params"]["ratio"] == pytest.approx(best["params_ratio"])
+    assert spec["original"]["macs"] == run["baseline"]["macs"]
+    assert spec["fga_search_version"] == run["versions"]["fga_search"]
+    diffs = spec["verification"]["max_abs_diff"]
+    assert diffs["model.pt"] == 0.0 and diffs["torchscript"] <= 1e-4 and 0 <= diffs["onnx"] <= 1e-4
+    assert spec["files"]["model.pt"]["bytes"] == (out / "model.pt").stat().st_size
+    # model.pt holds plain tensors only
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(type(v) is torch.Tensor for v in state.values())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".fga-export")]  # no staging left
+
+
+@pytest.mark.slow
+def test_knee_and_trial_id_picks(run_dir: Path, tmp_path: Path) -> None:
+    front = rows(run_dir / "pareto.parquet")
+    knee = next(r for r in front if r["is_knee"])
+    result = export(str(run_dir), pick="knee", out=str(tmp_path / "knee"), device="cpu")
+    assert result.trial == knee["trial"] and result.pick == "knee"
+    assert result.macs == knee["macs"]
+    other = front[0]
+    result = export(str(run_dir), pick=str(other["trial"]), out=str(tmp_path / "by-id"), device="cpu")
+    assert result.trial == other["trial"] and result.pick == "trial"
+    assert result.spec["source"]["trial"] == other["trial"]
+
+
+@pytest.mark.slow
+def test_trial_without_checkpoint_is_rerun(run_dir: Path, tmp_path: Path) -> None:
+    """A trial whose weights the run did not keep is rebuilt by re-running it with its seed."""
+    copied = tmp_path / "run"
+    shutil.copytree(run_dir, copied)
+    front = rows(run_dir / "pareto.parquet")
+    best = next(r for r in front if r["is_best"])
+    os.remove(copied / "models" / f"trial_{best['trial']:05d}.pt")
+    result = export(str(copied), pick="best", out=str(tmp_path / "rerun"), device="cpu")
+    assert result.rebuilt and result.spec["source"]["weights"] == "re-run"
+    assert result.trial == best["trial"] and result.macs == best["macs"]
+    # the same trial again: within one validation image of the search's own result
+    assert abs(result.val_acc - best["val_acc"]) <= 1 / 143 + 1e-9
+    ours, theirs = run_model(run_dir, best), load_exported(tmp_path / "rerun")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_final_finetune_on_train_and_val(
+    run_dir: Path, tmp_path: Path, digits: tuple[torch.Tensor, DeviceSplit]
+) -> None:
+    front = rows(run_dir / "pareto.parquet")
+    knee = next(r for r in front if r["is_knee"])
+    result = export(str(run_dir), pick="knee", out=str(tmp_path / "ft"), finetune_epochs=1, device="cpu")
+    spec = result.spec
+    assert spec["finetune"]["epochs"] == 1.0 and spec["finetune"]["data"] == "train+val"
+    assert spec["finetune"]["images"] == 1295 + 143 and spec["finetune"]["steps"] == (1295 + 143) // 128
+    assert spec["finetune"]["recipe"]["crop"] is True and spec["finetune"]["augment"]["crop_pad"] == 1
+    assert spec["accuracy"]["val_held_out"] is False
+    _, test = digits
+    loaded = load_exported(tmp_path / "ft")
+    assert result.test_acc == pytest.approx(evaluate(loaded, test), abs=1e-9)
+    before = run_model(run_dir, knee).state_dict()
+    after = loaded.state_dict()
+    assert max((before[k].float() - after[k].float()).abs().max().item() for k in before) > 1e-3
+    assert measure_macs(loaded, input_shape=(1, 8, 8)) == knee["macs"]
+
+
+@pytest.mark.slow
+def test_export_command_prints_a_summary(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli"
+    code = main(
+        ["export", str(run_dir), "--pick", "best", "--out", str(out), "--format", "onnx", "--device", "cpu"]
+    )
+    text = capsys.readouterr().out
+    assert code == 0, text
+    spec = json.loads((out / "spec.json").read_text())
+    assert f"exported trial {spec['source']['trial']} (best within the budget" in text
+    for name in ("model.pt", "spec.json", "model.onnx"):
+        assert re.search(rf"^  {re.escape(name)}\s+[\d.]+ kB$", text, re.M), text
+    assert f"test {spec['accuracy']['test']:.4f} (original: val" in text
+    assert (
+        f"{100 * spec['flops']['ratio']:.1f} % of the original's 1.779 M (measured with FlopCounterMode)"
+        in text
+    )
+    assert re.search(
+        r"verified: model.pt max \|diff\| 0, onnx max \|diff\| [0-9.e-]+ \(tolerance 0.0001\)", text
+    )
+    # exporting again to the same folder replaces the earlier export
+    code = main(["export", str(run_dir), "--pick", "knee", "--out", str(out), "--device", "cpu"])
+    assert code == 0 and sorted(os.listdir(out)) == ["model.pt", "spec.json"]
+
+
+@pytest.mark.slow
+def test_readme_example_loads_an_export(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Choosing and shipping a model", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```py\n(.*?)```", section, re.S)[0]
+    export(str(run_dir), pick="best", out=str(tmp_path / "exported"), device="cpu")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README", "exec"), namespace)
+    logits = namespace["logits"]
+    assert tuple(logits.shape) == (1, 10)
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(code: int, err: str, message: str) -> None:
+    assert code == 2, err
+    assert err.startswith("fga-search: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and message in err, err
+
+
+def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_run(
+        tmp_path / "run",
+        [
+            digits_trial(0, PLAN, val_acc=0.97),
+            digits_trial(1, PLAN, state="FAIL", status="failed", fail_reason="FloatingPointError: nan"),
+            digits_trial(2, {"features.6": [4, 4]}, status="infeasible", within_budget=False),
+        ],
+    )
+    empty = fake_run(
+        tmp_path / "empty",
+        [digits_trial(0, PLAN, state="FAIL", status="failed", fail_reason="RuntimeError: out of memory")],
+    )
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("not a run")
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path / "exported"
+    cases = [
+        ([str(empty), "--out", str(out)], f"run folder {empty} has no finished trials"),
+        (
+            [str(run), "--pick", "7", "--out", str(out)],
+            f"trial 7 does not exist in run folder {run} (trials 0..2)",
+        ),
+        (
+            [str(run), "--pick", "1", "--out", str(out)],
+            "trial 1 is not a finished trial (state FAIL, status failed: FloatingPointError: nan); finished trials: 0",
+        ),
+        (
+            [str(run), "--pick", "2", "--out", str(out)],
+            "trial 2 is not a finished trial (state COMPLETE, status infeasible",
+        ),
+        (
+            [str(run), "--pick", "fastest", "--out", str(out)],
+            "pick must be 'best', 'knee' or a trial id, got 'fastest'",
+        ),
+        (
+            [str(tmp_path / "plain"), "--out", str(out)],
+            f"{tmp_path / 'plain'} is not an fga-search run folder (no run.json)",
+        ),
+        ([str(tmp_path / "nowhere"), "--out", str(out)], f"run folder {tmp_path / 'nowhere'} does not exist"),
+        (
+            [str(run), "--out", str(tmp_path / "file.txt" / "exported")],
+            f"--out {tmp_path / 'file.txt' / 'exported'}: cannot create it, {tmp_path / 'file.txt'} is not a folder",
+        ),
+        ([str(run), "--out", str(tmp_path / "plain")], "exists, is not empty and holds no earlier export"),
+        (
+            [str(run), "--out", str(out), "--format", "tflite"],
+            "unknown export format 'tflite'; valid formats: torchscript, onnx",
+        ),
+        (
+            [str(run), "--out", str(out), "--finetune-epochs", "-1"],
+            "finetune_epochs must be a number >= 0, got -1.0",
+        ),
+    ]
+    for args, message in cases:
+        code, err = _cli(["export", *args], capsys)
+        _one_line_error(code, err, message)
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file.txt", "plain", "run"]  # nothing half-written
+    assert sorted(os.listdir(tmp_path / "plain")) == ["notes.txt"]
+
+
+def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_run(tmp_path / "run", [digits_trial(0, PLAN, val_acc=0.97)])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        target = locked / "exported"
+        if os.geteuid() == 0:  # permissions do not stop root; a read-only file system does
+            target = Path("/sys/fga-search-export-test")
+            try:
+                target.mkdir()
+            except OSError:
+                pass
+            else:
+                target.rmdir()
+                pytest.skip("running as root with a writable /sys: no unwritable folder to test with")
+        code, err = _cli(["export", str(run), "--out", str(target)], capsys)
+        _one_line_error(code, err, f"--out {target}: cannot write in {target.parent}")
+        assert not target.exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def test_argument_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args, message in (
+        (["export", str(tmp_path)], "the following arguments are required: --out"),
+        (["export", "--out", str(tmp_path / "x")], "the following arguments are required: RUN_DIR"),
+        (["export", str(tmp_path), "--out", "x", "--finetune-epochs", "many"], "argument --finetune-epochs"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_load_exported_refuses_other_folders(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not an fga-search export"):
+        load_exported(tmp_path)
+    (tmp_path / "spec.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="is not an fga-search export spec"):
+        load_exported(tmp_path / "spec.json")
+
+
+def test_load_exported_rebuilds_from_spec_and_state_dict(tmp_path: Path) -> None:
+    """spec.json + model.pt are enough: the architecture by name, the plan, plain tensors."""
+    base = build_model("digits_cnn", num_classes=10)
+    model = apply_plan_structure(copy.deepcopy(base), PLAN)
+    torch.nn.init.normal_(model.classifier.weight)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    spec = {
+        "format": "fga-search-export/1",
+        "model": {"source": "zoo", "name": "digits_cnn", "space": "default"},
+        "plan": PLAN,
+        "num_classes": 10,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    loaded = load_exported(tmp_path)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    spec["plan"] = {"features.3": [1, 2]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="do not fit the model described by spec.json"):
+        load_exported(tmp_path)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from fga_search import ModelProfile, decomposable_layers, search
+from fga_search.latency import LatencyModel, LatencyTable, Target, measure_latency
+from helpers import rows, wide_cnn
+
+
+def test_target_parsing_and_validation() -> None:
+    assert Target.parse("cpu:2") == Target("cpu", 2, 1, "float32", False)
+    assert Target.parse("cpu", batch=4, dtype="bf16").batch == 4
+    assert Target.parse("cuda", dtype="bf16").channels_last is True
+    for spec, message in (
+        ("tpu", "use cpu, cpu:THREADS"),
+        ("cpu:two", "needs a thread count"),
+        ("cuda:x", "needs a device index"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Target.parse(spec)
+    with pytest.raises(ValueError, match="target dtype must be one of float32, bf16, fp16"):
+        Target("cpu", dtype="int8")
+    key = Target.parse("cpu:2").key()
+    assert "(2 threads)" in key and "float32" in key and "batch 1" in key and "nchw" in key
+
+
+def test_measure_latency_reports_medians() -> None:
+    stats = measure_latency(
+        nn.Conv2d(8, 8, 3), input_shape=(8, 16, 16), target=Target.parse("cpu:1"), warmup=2, repeats=7
+    )
+    assert stats.runs == 7 and 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+
+
+def layers():  # type: ignore[no-untyped-def]
+    model = nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2)
+    )
+    return model, decomposable_layers(model)
+
+
+def test_table_keys_share_geometry_and_persist(tmp_path: Path) -> None:
+    model, infos = layers()
+    path = str(tmp_path / "table.json")
+    table = LatencyTable(Target.parse("cpu:1"), path=path, repeats=3, warmup=1)
+    a = table.measure(infos[0], (12, 12), "keep")
+    b = table.measure(infos[1], (12, 12), "keep")  # same geometry, another layer: one measurement
+    assert a == b and table.measured == 1
+    table.measure(infos[0], (12, 12), (2, 4))
+    table.measure(infos[0], (10, 10), (2, 4))  # another input size is another key
+    table.measure(infos[2], (12, 12), (2, 4))  # another geometry
+    assert table.measured == 4 and len(table.entries) == 4
+    assert any("c16-n32-k3x3-s2x2" in key and key.endswith("|g2-r4") for key in table.entries)
+    again = LatencyTable(Target.parse("cpu:1"), path=path, repeats=3, warmup=1)
+    assert again.entries == table.entries
+    assert again.measure(infos[1], (12, 12), "keep") == a and again.measured == 0  # read, not measured
+    data = json.loads(Path(path).read_text())
+    assert data["target"] == Target.parse("cpu:1").key()
+
+
+def test_table_of_another_device_is_not_used(tmp_path: Path) -> None:
+    model, infos = layers()
+    path = tmp_path / "table.json"
+    table = LatencyTable(Target.parse("cpu:1"), path=str(path), repeats=3, warmup=1)
+    table.measure(infos[0], (12, 12), "keep")
+    data = json.loads(path.read_text())
+    data["target"] = data["target"].replace("(1 threads)", "(64 threads)")  # as if written on another machine
+    data["entries"] = {k: 123.0 for k in data["entries"]}
+    path.write_text(json.dumps(data))
+    fresh = LatencyTable(Target.parse("cpu:1"), path=str(path), repeats=3, warmup=1)
+    assert fresh.entries == {}
+    assert fresh.measure(infos[0], (12, 12), "keep") != 123.0 and fresh.measured == 1
+    other_dtype = LatencyTable(Target.parse("cpu:1", dtype="bf16"), path=str(path))
+    assert other_dtype.entries == {} or other_dtype.key != fresh.key
+
+
+def test_estimates_interpolate_between_anchor_ranks(tmp_path: Path) -> None:
+    model, infos = layers()
+    table = LatencyTable(Target.parse("cpu:1"), path=str(tmp_path / "t.json"), repeats=3, warmup=1)
+    top = infos[0].exact_rank(1)  # 16
+    lo, hi = table.measure(infos[0], (12, 12), (1, 4)), table.measure(infos[0], (12, 12), (1, 8))
+    mid = table.estimate(infos[0], (12, 12), (1, 6))  # between the anchors 4 (top/4) and 8 (top/2)
+    assert top == 16 and min(lo, hi) <= mid <= max(lo, hi)
+    assert table.entry_key(infos[0], (12, 12), (1, 6)) not in table.entries  # interpolated, not measured
+
+
+def test_latency_model_estimate_of_the_original_is_its_measurement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = wide_cnn()
+    profile = ModelProfile(model, input_shape=(1, 8, 8))
+    lat = LatencyModel(model, profile, LatencyTable(Target.parse("cpu:1"), repeats=3, warmup=1), repeats=5)
+    assert lat.estimate_ms({}) == pytest.approx(lat.base_ms)
+    assert lat.ratio({"0": "keep"}) == pytest.approx(1.0)
+    assert set(lat.dense) == {"0", "3", "6"}
+
+
+@pytest.mark.slow
+def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    result = search(
+        out=str(run),
+        model="helpers:wide_cnn",
+        dataset="digits",
+        budget=0.9,
+        budget_metric="latency",
+        objective="accuracy,flops,latency",
+        target="cpu:2",
+        target_batch=8,
+        trials=8,
+        epochs=0.5,
+        quiet=True,
+    )
+    record = json.loads((run / "run.json").read_text())
+    lat = record["latency"]
+    assert lat["baseline_ms"] > 0 and "batch 8" in lat["target_key"]
+    assert record["baseline"]["latency_ratio"] == 1.0
+    assert isinstance(lat["pinned_layers"], list)
+    trials = rows(run / "trials.parquet")
+    assert len(trials) == 8
+    tuned = [r for r in trials if (r["finetune_steps"] or 0) > 0]
+    for r in tuned:  # measured on the built model before fine-tuning; never over the budget
+        assert r["latency_ms"] > 0 and r["latency_ratio"] <= 0.9
+        assert r["latency_estimate_ratio"] is not None
+    for r in trials:
+        if r["status"] == "infeasible" and r["latency_ratio"] is not None:
+            assert r["latency_ratio"] > 0.9 and (r["finetune_steps"] or 0) == 0
+    front = rows(run / "pareto.parquet")
+    assert all(r["latency_ratio"] is not None for r in front)
+    assert result.front == [] or result.front[0]["latency_ratio"] <= 0.9

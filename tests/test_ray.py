@@ -1,0 +1,259 @@
+"""The Ray Tune backend against a real two-node Ray cluster on this machine (logical GPUs).
+
+The nodes use the loopback addresses 127.0.0.3 (head) and 127.0.0.2: Ray rewrites 127.0.0.1 to
+the machine's outward address, and two nodes on one machine need two addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fga_search._records import TRIAL_SCHEMA
+from helpers import cli_env, rows
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HEAD_IP, 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir()
+        token = secrets.token_hex(32)  # the cluster's authentication token, known to this test only
+        self.env = {
+            **cli_env(self.home),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.port = free_port()
+        self.address = f"{HEAD_IP}:{self.port}"
+        self.nodes: list[subprocess.Popen[bytes]] = []
+
+    def start_node(self, *args: str) -> None:
+        log = open(self.root / f"node{len(self.nodes)}.log", "wb")
+        proc = subprocess.Popen(
+            [RAY, "start", "--block", "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.nodes.append(proc)
+
+    def alive_nodes(self) -> int:
+        out = subprocess.run(
+            [RAY, "status", f"--address={self.address}"], env=self.env, capture_output=True, text=True
+        )
+        return out.stdout.count(" node_")
+
+    def start(self) -> None:
+        self.start_node(
+            "--head", f"--port={self.port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false"
+        )
+        self.wait_for(1)
+        self.start_node(f"--address={self.address}", f"--node-ip-address={WORKER_IP}")
+        self.wait_for(2)
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 90
+        while self.alive_nodes() < count:
+            for proc in self.nodes:
+                assert proc.poll() is None, (self.root / "node0.log").read_text()
+            assert time.monotonic() < deadline, "the Ray cluster did not come up"
+            time.sleep(1)
+
+    def processes(self) -> list[int]:
+        """This cluster's processes: each node's `ray start --block` leads a session of its own."""
+        sessions = {proc.pid for proc in self.nodes}
+        out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+        return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) in sessions]
+
+    def stop(self) -> None:
+        """Stop only the processes this cluster started, by their ids."""
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in self.processes():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        for proc in self.nodes:
+            proc.wait(timeout=10)
+        assert not self.processes()
+
+    def cli(self, args: list[str], **kwargs) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+        return subprocess.Popen(
+            [sys.executable, "-m", "fga_search._cli", "--ray-address", self.address, *args],
+            cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("ray"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def wait(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def done(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [r for r in rows(path) if r["state"] in ("COMPLETE", "FAIL")]
+
+
+def test_trials_run_on_both_nodes_with_one_logical_gpu_each(cluster: Cluster) -> None:
+    run = cluster.root / "two-nodes"
+    out, err = wait(
+        cluster.cli(["--gpus-per-trial", "0.5", "--trials", "4", "--epochs", "10", "--out", str(run)])
+    )
+    table = pq.read_table(run / "trials.parquet")
+    assert table.schema.equals(TRIAL_SCHEMA)  # the Optuna backend's schema
+    trials = table.to_pylist()
+    assert len(trials) == 4 and sorted(r["trial"] for r in trials) == list(range(4))
+    assert all(r["state"] == "COMPLETE" and r["backend"] == "ray" for r in trials)
+    assert {r["node_ip"] for r in trials} == {HEAD_IP, WORKER_IP}
+    assert len({r["node_id"] for r in trials}) == 2
+    for r in trials:
+        gpu_ids = json.loads(r["gpu_ids"])
+        assert len(gpu_ids) == 1 and gpu_ids[0] in ("0",)  # each node has one logical GPU, id 0
+        assert r["device"] == "cpu"  # logical GPUs: the trials compute on the CPU
+    front = rows(run / "pareto.parquet")
+    assert front and all(r["flops_ratio"] <= 0.2 for r in front)
+    assert all((run / "models" / f"trial_{r['trial']:05d}.pt").is_file() for r in front)
+    assert "best model: trial" in out
+
+
+def worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::ImplicitFunc" in line]
+
+
+def test_a_killed_worker_is_retried_and_the_search_finishes(cluster: Cluster) -> None:
+    run = cluster.root / "worker-killed"
+    before = set(worker_pids())
+    proc = cluster.cli(["--gpus-per-trial", "0.5", "--trials", "3", "--epochs", "30", "--out", str(run)])
+    deadline = time.monotonic() + 120
+    victims: list[int] = []
+    while not victims:
+        assert proc.poll() is None and time.monotonic() < deadline
+        victims = [p for p in worker_pids() if p not in before]
+        time.sleep(0.2)
+    time.sleep(3)  # well into the trial
+    os.kill(victims[0], signal.SIGKILL)
+    wait(proc)
+    trials = rows(run / "trials.parquet")
+    assert sorted(r["trial"] for r in trials) == [0, 1, 2]
+    assert all(r["state"] == "COMPLETE" for r in trials)  # FailureConfig(max_failures=1) retried it
+
+
+def test_a_killed_driver_resumes_without_losing_or_repeating_trials(cluster: Cluster) -> None:
+    run = cluster.root / "driver-killed"
+    args = ["--gpus-per-trial", "0.5", "--trials", "6", "--epochs", "12", "--out", str(run)]
+    proc = cluster.cli(args)
+    deadline = time.monotonic() + 300
+    while len(done(run / "trials.parquet")) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {r["trial"]: r for r in done(run / "trials.parquet")}
+    out, err = wait(cluster.cli(args))
+    assert "resuming the Ray experiment" in err
+    after = rows(run / "trials.parquet")
+    numbers = [r["trial"] for r in after]
+    assert len(numbers) == len(set(numbers))
+    complete = [r for r in after if r["state"] == "COMPLETE"]
+    assert len(complete) == 6  # the trial count holds
+    # a trial the killed driver had asked for but not started is recorded as interrupted, never lost silently
+    assert all(r["status"] == "interrupted" for r in after if r["state"] != "COMPLETE")
+    with sqlite3.connect(run / "study.db") as db:
+        assert db.execute("select count(*) from trials where state = 'RUNNING'").fetchone() == (0,)
+    for number, old in before.items():
+        new = next(r for r in after if r["trial"] == number)
+        assert (new["val_acc"], new["plan"], new["seed"]) == (old["val_acc"], old["plan"], old["seed"])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Path) -> None:
+    """`--backend ray` starts its own instance: same first proposals as the Optuna backend,
+    comparable fronts, and no server on a non-loopback address."""
+    env = {**cli_env(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--trials", "8", "--epochs", "1", "--seed", "5", "--population", "4", "--quiet"]
+    optuna_run, ray_run = tmp_path / "optuna", tmp_path / "ray"
+    subprocess.run(
+        [sys.executable, "-m", "fga_search._cli", *common, "--out", str(optuna_run)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fga_search._cli", *common, "--backend", "ray", "--max-concurrent", "1", "--out", str(ray_run)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    listening: set[str] = set()
+    while proc.poll() is None:
+        ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        for line in ss.splitlines():
+            pids = [int(p) for p in re.findall(r"pid=(\d+)", line)]
+            if any(descends_from(p, proc.pid) for p in pids):  # the CLI's own Ray processes
+                listening.add(line.split()[3].rsplit(":", 1)[0])
+        time.sleep(0.5)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert listening and listening <= {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}, listening
+    a = {r["trial"]: r for r in rows(optuna_run / "trials.parquet")}
+    b = {r["trial"]: r for r in rows(ray_run / "trials.parquet")}
+    assert len(a) == len(b) == 8
+    for number in range(4):  # the first generation: the same seeded proposals, the same plans
+        assert a[number]["plan"] == b[number]["plan"] and a[number]["seed"] == b[number]["seed"]
+        assert abs(a[number]["val_acc"] - b[number]["val_acc"]) <= 0.03
+    from fga_search._pareto import hypervolume
+
+    fronts = [rows(run / "pareto.parquet") for run in (optuna_run, ray_run)]
+    hv = [hypervolume([r["val_acc"] for r in f], [r["flops_ratio"] for r in f]) for f in fronts]
+    print(f"\nhypervolume: optuna {hv[0]:.4f}, ray {hv[1]:.4f}")
+    assert abs(hv[0] - hv[1]) <= 0.05
