@@ -99,11 +99,18 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default 128)")
     g.add_argument("--lr", type=float, default=0.02, help="peak fine-tuning learning rate (default 0.02)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each trial's model for fine-tuning")
+    g.add_argument(
+        "--device-data-gb",
+        type=float,
+        default=8.0,
+        help="datasets up to this size (uint8) live on the GPU; larger ones stay in pinned host memory (default 8)",
+    )
     g.add_argument(
         "--workers",
         type=int,
         default=0,
-        help="data-loading worker processes for datasets streamed from disk (default 0)",
+        help="threads decoding an ImageFolder tree on first use (default 0: up to 8)",
     )
     g.add_argument(
         "--calibration", type=int, default=256, help="images for data-driven refinement (default 256)"

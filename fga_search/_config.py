@@ -48,6 +48,8 @@ class RunConfig:
     val_limit: int | None = None
     test_limit: int | None = None
     image_size: int | None = None
+    compile: bool = False
+    device_data_gb: float = 8.0
     calibration: int = 256
     recalibration: int = 1024
     strategy: str = "search"

@@ -182,7 +182,7 @@ def _decode(path: str, channels: int, image_size: int | None) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _load_folder(root: str, image_size: int | None, max_bytes: int) -> tuple[list[str], Split]:
+def _load_folder(root: str, image_size: int | None, max_bytes: int, workers: int) -> tuple[list[str], Split]:
     classes, files = _list_folder(root)
     stats = [os.stat(p) for p, _ in files]
     key = hashlib.sha256(
@@ -213,7 +213,7 @@ def _load_folder(root: str, image_size: int | None, max_bytes: int) -> tuple[lis
         raise ValueError(
             f"{root}: {len(files)} images need about {estimate / 2**30:.1f} GiB in memory; pass a smaller --image-size"
         )
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(lambda f: _decode(f[0], channels, image_size), files, chunksize=256))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
@@ -228,7 +228,7 @@ def _load_folder(root: str, image_size: int | None, max_bytes: int) -> tuple[lis
 
 
 def _imagefolder(
-    data_dir: str | None, image_size: int | None, max_bytes: int
+    data_dir: str | None, image_size: int | None, max_bytes: int, workers: int
 ) -> tuple[list[str], Split, Split]:
     if not data_dir:
         raise ValueError("dataset 'imagefolder' needs --data-dir (a folder with train/ and val/ or test/)")
@@ -243,8 +243,8 @@ def _imagefolder(
         raise ValueError(
             f"data dir {data_dir} must hold train/ and val/ or test/ folders; found: {found or 'none'}"
         )
-    classes, train = _load_folder(train_dir, image_size, max_bytes)
-    test_classes, test = _load_folder(test_dir, image_size, max_bytes)
+    classes, train = _load_folder(train_dir, image_size, max_bytes, workers)
+    test_classes, test = _load_folder(test_dir, image_size, max_bytes, workers)
     if test_classes != classes:
         raise ValueError(f"{test_dir} has classes {test_classes[:5]}... but train/ has {classes[:5]}...")
     if train.images.shape[1:] != test.images.shape[1:]:
@@ -264,6 +264,7 @@ def load_dataset(
     val_limit: int | None = None,
     test_limit: int | None = None,
     max_bytes: int = 8 * 2**30,
+    workers: int = 0,
 ) -> DataBundle:
     """Load a dataset into memory and split off a stratified validation set from its training data.
 
@@ -282,7 +283,7 @@ def load_dataset(
         classes, train, test = _cifar(name, data_dir, download)
         flip, pad = True, 4
     else:
-        classes, train, test = _imagefolder(data_dir, image_size, max_bytes)
+        classes, train, test = _imagefolder(data_dir, image_size, max_bytes, workers)
         flip, pad = True, max(1, train.images.shape[-1] // 8)
     rest, held = stratified_split(train.labels, val_fraction, seed=seed)
     bundle = DataBundle(

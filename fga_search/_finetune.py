@@ -39,6 +39,7 @@ class FinetuneConfig:
     flip: bool = True  # only where the dataset allows it
     crop: bool = False  # random crops make teacher logits uncacheable
     grad_clip: float = 5.0
+    compile: bool = False  # torch.compile the student for the training steps
 
     def __post_init__(self) -> None:
         if not (self.epochs >= 0 and math.isfinite(self.epochs)):
@@ -152,6 +153,7 @@ def finetune(
         return config.lr * max(0.0, (steps - step) / max(1, steps - warm))
 
     augment = Augment(crop_pad=crop_pad if config.crop else 0, flip=config.flip and allow_flip)
+    forward = torch.compile(model) if config.compile else model
     gen = torch.Generator().manual_seed(seed)
     model.train()
     step = 0
@@ -167,7 +169,7 @@ def finetune(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with autocast(device, amp):
-                logits = model(batch.x).float()
+                logits = forward(batch.x).float()
             loss = F.cross_entropy(logits, batch.y, label_smoothing=config.label_smoothing)
             if teacher is not None and config.kd_alpha > 0:
                 if isinstance(teacher, TeacherCache):

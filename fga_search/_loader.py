@@ -2,7 +2,9 @@
 
 The uint8 images move to the device once (``DeviceSplit``); each batch is converted to float,
 normalised, and optionally augmented (random crop with reflect padding, horizontal flip) there,
-with no DataLoader workers: on a GPU the whole input pipeline stays on the GPU.
+with no DataLoader workers: on a GPU the whole input pipeline stays on the GPU. A split larger
+than ``max_device_bytes`` stays in pinned host memory instead; its batches are gathered on the
+host one step ahead and copied asynchronously.
 """
 
 from __future__ import annotations
@@ -86,11 +88,15 @@ class DeviceSplit:
         device: torch.device | str,
         normalization: Normalization,
         channels_last: bool = False,
+        max_device_bytes: int | None = None,
     ) -> None:
         self.device = torch.device(device)
-        pin = self.device.type == "cuda"
-        images = split.images.pin_memory() if pin else split.images
-        self.images = images.to(self.device, non_blocking=pin)
+        cuda = self.device.type == "cuda"
+        self.resident = not (
+            cuda and max_device_bytes is not None and split.images.numel() > max_device_bytes
+        )
+        images = split.images.pin_memory() if cuda else split.images
+        self.images = images.to(self.device, non_blocking=cuda) if self.resident else images
         self.labels = split.labels.to(self.device)
         self.normalization = normalization
         self.channels_last = channels_last
@@ -98,12 +104,18 @@ class DeviceSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.resident:
+            return self.images[idx]
+        rows = self.images[idx.cpu()].pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
     def take(
         self, index: torch.Tensor | Sequence[int], *, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """Normalised images at ``index`` (no augmentation)."""
         idx = torch.as_tensor(index, device=self.device)
-        x = self.normalization.apply(self.images[idx], dtype)
+        x = self.normalization.apply(self._gather(idx), dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def batches(
@@ -129,7 +141,7 @@ class DeviceSplit:
         stop = total - total % batch_size if drop_last and total >= batch_size else total
         for start in range(0, stop, batch_size):
             idx = order[start : start + batch_size]
-            x = self.normalization.apply(self.images[idx])
+            x = self.normalization.apply(self._gather(idx))
             flipped = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
             if augment is not None and augment.crop_pad > 0:
                 x = _random_crop(x, augment.crop_pad, gen)

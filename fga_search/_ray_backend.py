@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import os
@@ -320,7 +321,7 @@ class RaySearch:
         }
         return _Payload(
             key=f"{self.folder.path}:{os.getpid()}",
-            model=s.model.cpu(),
+            model=copy.deepcopy(s.model).cpu(),
             splits=splits,
             name=s.data.name,
             classes=s.data.classes,

@@ -715,6 +715,17 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
         "(a grouped conv of g·r filters then a 1×1 conv), or `kept` (the dense conv); `#N` is trial N. "
         "Members are ordered by FLOPs, cheapest first; the share is the layer's part of the original's FLOPs."
     )
+    lat = view.record.get("latency") or {}
+    if lat:
+        doc.heading("Latency on the target", "latency-section")
+        pinned = list(lat.get("pinned_layers") or [])
+        target = lat.get("target_key", "?")
+        doc.text(
+            f"Measured on {target}: the original model takes {_ms(lat.get('baseline_ms'))} per batch. "
+            f"{len(pinned)} layer(s) are kept dense because every FGA candidate (each group count at its "
+            "smallest rank, the fastest it can be) is slower than the dense layer on this target"
+            + (": " + ", ".join(f"`{name}`" for name in pinned) + "." if pinned else ".")
+        )
 
     title = f"fga-search report: {model.get('name', '?')} on {dataset}"
     subtitle = f"Run folder {view.path}"

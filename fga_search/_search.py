@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import os
+import random
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from ._progress import Progress
 from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import Proposal, SearchSetup, prepare
-from ._strategies import strategy_plans
+from ._strategies import error_alloc_plan, mutate_weights, strategy_plans
 from ._study import (
     count_finished,
     make_sampler,
@@ -90,7 +91,10 @@ def search(
 
 
 def trial_seed(config: RunConfig, number: int) -> int:
-    return (config.seed * 1_000_003 + number) % (2**31)
+    """Every trial of a run uses the same seed (common random numbers): the same BN-recalibration
+    images, refinement samples and fine-tuning order, so that trials differ by their plans only."""
+    del number
+    return config.seed % (2**31)
 
 
 def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:
@@ -99,15 +103,41 @@ def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:
     c = setup.config
     if c.strategy == "random" or (c.strategy == "search" and not c.warm_start):
         return []
+    # the search keeps three quarters of its trials for its own proposals
+    count = c.trials if c.strategy != "search" else max(2, c.trials // 4)
     return strategy_plans(
         c.strategy,
         space=setup.space,
         cost=setup.cost,
         spectra=setup.spectra,
         budget=c.budget,
-        count=c.trials,
+        count=count,
         seed=c.seed,
     )
+
+
+MUTATION_RATE = 0.9  # share of the search's own proposals that mutate the best allocation so far
+
+
+def propose_mutation(
+    setup: SearchSetup, rows: list[dict[str, Any]], rng: random.Random
+) -> tuple[str, Plan, dict[str, float]] | None:
+    """A local move: the best trial within budget that came from an error allocation has its
+    per-layer error thresholds perturbed; the plan is re-allocated at the budget."""
+    parents = [
+        r for r in front_rows(rows, costs=setup.config.costs) if isinstance(r.get("alloc_weights"), dict)
+    ]
+    if not parents:
+        return None
+    parent = max(parents, key=lambda r: r["val_acc"])
+    names = [layer.name for layer in setup.space.layers]
+    weights = mutate_weights(parent["alloc_weights"], names=names, rng=rng)
+    plan = error_alloc_plan(
+        setup.space, setup.cost, setup.spectra, budget=setup.config.budget, weights=weights
+    )
+    if plan is None:
+        return None
+    return f"mutation of trial {parent['trial']}", plan, weights
 
 
 def objective_values(config: RunConfig, accuracy: float, record: dict[str, Any]) -> list[float]:
@@ -236,7 +266,10 @@ class _OptunaSearch:
         study = open_study(storage=storage, name=name, sampler=sampler, costs=len(c.costs))
         if existing == 0:
             for label, plan in initial_plans(self.setup):
-                study.enqueue_trial(self.setup.space.to_params(plan), user_attrs={"source": label})
+                attrs: dict[str, Any] = {"source": label}
+                if label.startswith("error-alloc at 100%"):
+                    attrs["alloc_weights"] = {}  # equal error thresholds: a parent for mutations
+                study.enqueue_trial(self.setup.space.to_params(plan), user_attrs=attrs)
         return study
 
     def rows(self, study: optuna.Study) -> list[dict[str, Any]]:
@@ -272,6 +305,8 @@ class _OptunaSearch:
         number = requeued if requeued is not None else trial.number
         record = proposal_record(setup, prop, number=number, backend="optuna")
         record["source"] = trial.user_attrs.get("source", "requeued" if requeued is not None else "sampler")
+        if "alloc_weights" in trial.user_attrs:
+            record["alloc_weights"] = trial.user_attrs["alloc_weights"]
         trial.set_user_attr("record", record)  # one write: each is a database commit
         set_budget_constraint(trial, prop.constraint)
         return trial, record, prop
@@ -301,7 +336,15 @@ class _OptunaSearch:
                 progress.note(
                     f"strategy {c.strategy} has {total} distinct plans: running {total} trials, not {c.trials}"
                 )
+        rng = random.Random(c.seed * 7919 + len(rows))
         while finished < total and (deadline is None or time.monotonic() < deadline):
+            if c.strategy == "search" and rng.random() < MUTATION_RATE:
+                if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    move = propose_mutation(self.setup, rows, rng)
+                    if move is not None:
+                        label, plan, weights = move
+                        attrs = {"source": label, "alloc_weights": weights}
+                        study.enqueue_trial(self.setup.space.to_params(plan), user_attrs=attrs)
             trial, record, prop = self.step(study)
             result = self.execute(trial, record, prop, known)
             if result.status == "interrupted":

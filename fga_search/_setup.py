@@ -149,6 +149,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
         train_limit=config.train_limit,
         val_limit=config.val_limit,
         test_limit=config.test_limit,
+        workers=config.workers,
     )
     weights = config.weights
     if config.model is None:
@@ -193,7 +194,10 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
                 file=sys.stderr,
             )
     settings = TrialSettings(
-        finetune=FinetuneConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr),
+        finetune=FinetuneConfig(
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, compile=config.compile
+        ),
+        device_data_bytes=int(config.device_data_gb * 2**30),
         calibration=min(config.calibration, len(data.train)),
         recalibration=config.recalibration,
         latency_target=latency.table.target if latency is not None else None,

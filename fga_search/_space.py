@@ -32,10 +32,17 @@ _RANK_KEYS = {"low", "high", "log"}
 _OVERRIDE_KEYS = {"match", "groups", "rank", "skip"}
 
 
+def _spaces_dir() -> Any:
+    """The shipped spaces: package data when installed, ``search_spaces/`` in a source checkout."""
+    try:
+        return resources.files("fga_search.search_spaces")
+    except ModuleNotFoundError:
+        return resources.files("fga_search").joinpath("..", "search_spaces")
+
+
 def list_spaces() -> list[str]:
     """Names of the spaces shipped with the package."""
-    files = resources.files("fga_search.search_spaces")
-    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in _spaces_dir().iterdir() if p.name.endswith(".yaml"))
 
 
 @dataclass(frozen=True)
@@ -259,7 +266,7 @@ def load_space(name_or_path: str) -> SearchSpace:
             raise ValueError(
                 f"unknown space {name_or_path!r}; shipped spaces: {', '.join(list_spaces())}, or a path to a .yaml file"
             )
-        text = resources.files("fga_search.search_spaces").joinpath(f"{name_or_path}.yaml").read_text()
+        text = _spaces_dir().joinpath(f"{name_or_path}.yaml").read_text()
         name, source = name_or_path, f"fga_search/search_spaces/{name_or_path}.yaml"
     try:
         data = yaml.safe_load(text)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from ._cost import CostModel
 from ._flops import ModelProfile
@@ -29,6 +29,7 @@ __all__ = [
     "STRATEGIES",
     "blend",
     "error_alloc_plan",
+    "mutate_weights",
     "rank_for_fraction",
     "stage_groups",
     "strategy_plans",
@@ -144,11 +145,17 @@ def uniform_space_plan(
 
 
 def error_alloc_plan(
-    space: ResolvedSpace, cost: CostModel, spectra: SpectralTable, *, budget: float
+    space: ResolvedSpace,
+    cost: CostModel,
+    spectra: SpectralTable,
+    *,
+    budget: float,
+    weights: Mapping[str, float] | None = None,
 ) -> Plan | None:
     """Minimise the largest per-layer relative weight error subject to the budget (see module doc).
 
-    None if even keeping every searched layer at its cheapest choice does not fit."""
+    ``weights`` scale each layer's error threshold (default 1: equal errors); the search's
+    mutations move them. None if even the cheapest choice of every searched layer does not fit."""
     limit = budget * cost.base
     outside = cost.total({}) - sum(cost.layer(layer.name, KEEP) for layer in space.layers)
     # per layer and group count: the allowed ranks and the squared errors by rank, negated so
@@ -159,6 +166,7 @@ def error_alloc_plan(
     ]
 
     def choice(layer: LayerSpace, table: list, eps: float) -> tuple[float, tuple[int, int] | str]:  # type: ignore[type-arg]
+        eps *= weights.get(layer.name, 1.0) if weights else 1.0
         best: tuple[float, tuple[int, int] | str] = (cost.layer(layer.name, KEEP), KEEP)
         for g, lo, hi, neg_err in table:
             r = max(lo, bisect.bisect_left(neg_err, -(eps * eps)))
@@ -176,7 +184,7 @@ def error_alloc_plan(
             plan[layer.name] = ch
         return total, plan
 
-    lo, hi = 0.0, 1.0
+    lo, hi = 0.0, 1.0 / min(weights.values(), default=1.0) if weights else 1.0
     total, plan = plan_for(hi)
     if total > limit:
         return None
@@ -188,6 +196,16 @@ def error_alloc_plan(
         else:
             lo = mid
     return plan
+
+
+def mutate_weights(
+    parent: Mapping[str, float], *, names: list[str], rng: random.Random, layers: int = 3
+) -> dict[str, float]:
+    """A child of an allocation: ``layers`` random layers' error thresholds scaled by 0.8 or 1.25."""
+    child = {name: float(parent.get(name, 1.0)) for name in names}
+    for name in rng.sample(names, min(layers, len(names))):
+        child[name] *= rng.choice((0.8, 1.25))
+    return child
 
 
 def blend(
@@ -221,8 +239,8 @@ def strategy_plans(
 
     ``uniform``: each group count of the space and the hand-set per-stage groups at the budget,
     then the same at 90 %, 80 %, ... of it; ``error-alloc``: the allocation at the budget, 95 %,
-    90 %, ...; ``search``: the uniform plans and the error allocation at the budget, and blends
-    between the two best-founded of them.
+    90 %, ...; ``search``: the error allocation, the uniform plans at the budget from the
+    smallest mean weight error up, and blends of each with the allocation.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
@@ -259,9 +277,14 @@ def strategy_plans(
             out += allocs(scale)
             scale -= 0.05
     else:
-        seeds = uniforms(1.0)
+        # the error allocation first, then the uniform plans from the smallest mean weight error up
+        def mean_error(plan: Plan) -> float:
+            errs = [spectra.relative_error(n, *c) if c != KEEP else 0.0 for n, c in plan.items()]  # type: ignore[misc]
+            return sum(errs) / max(1, len(errs))
+
+        seeds = sorted(uniforms(1.0), key=lambda item: mean_error(item[1]))
         alloc = allocs(1.0)
-        out += seeds + alloc
+        out += alloc + seeds
         if alloc:
             for i, (label, plan) in enumerate(seeds):
                 mixed = blend(

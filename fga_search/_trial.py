@@ -55,6 +55,7 @@ class TrialSettings:
     recalibration: int = 1024  # images for BN recalibration
     refine_mode: str = "asymmetric"
     eval_batch: int = 512
+    device_data_bytes: int = 8 * 2**30  # larger splits stay in pinned host memory
     recalibrate_after_steps: int = 200  # re-estimate BN statistics after fine-tunes shorter than this
     latency_target: Target | None = None  # measure each trial's model there, before fine-tuning
     latency_base_ms: float | None = None  # the original model's latency on that target
@@ -121,7 +122,12 @@ class TrialRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.profile = profile or ModelProfile(model, input_shape=data.input_shape)
-        split = {"device": device, "normalization": normalization, "channels_last": cuda}
+        split = {
+            "device": device,
+            "normalization": normalization,
+            "channels_last": cuda,
+            "max_device_bytes": settings.device_data_bytes,
+        }
         self.train = DeviceSplit(data.train, **split)  # type: ignore[arg-type]
         self.val = DeviceSplit(data.val, **split)  # type: ignore[arg-type]
         self._test_split = data.test

@@ -7,7 +7,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the checkout, or FGA_SHARED_DIR (the GPU check carries a copy in .gpu/shared)
+SHARED = Path(os.environ.get("FGA_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def cifar_dir() -> str:

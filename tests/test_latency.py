@@ -132,4 +132,6 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
             assert r["latency_ratio"] > 0.9 and (r["finetune_steps"] or 0) == 0
     front = rows(run / "pareto.parquet")
     assert all(r["latency_ratio"] is not None for r in front)
+    html = (run / "report.html").read_text()
+    assert "Latency on the target" in html and f"{len(lat['pinned_layers'])} layer(s) are kept dense" in html
     assert result.front == [] or result.front[0]["latency_ratio"] <= 0.9

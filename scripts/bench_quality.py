@@ -1,0 +1,213 @@
+"""Search quality: every strategy at the same trial count and fine-tuning budget, side by side.
+
+Strategies (``--strategy`` of fga-search): ``uniform``, ``error-alloc``, ``random`` and ``search``
+(NSGA-II warm-started from the uniform and error-allocation plans). Cases: the shared ResNet-56
+at budgets 0.2 and 0.35 of the FLOPs, and the shared VGG-16 at 0.2. For each, prints the best
+validation accuracy within budget, its test accuracy, the hypervolume of the front (reference
+point: 0 accuracy, FLOPs ratio 1) and the wall time.
+
+Two modes:
+
+* ``--mode cpu`` (proxy): no fine-tuning. A trial is SVD + refinement (128 calibration images)
+  + BN recalibration (512 images), scored on 2,000 validation images; test accuracy on 2,000
+  test images. Fits in about 20 minutes on 2 CPU cores with ``--trials 12``.
+* ``--mode gpu``: short fine-tunes (``--epochs``, default 1, batch 512) on the full training
+  split, validation 5,000 and test 10,000 images; then the best ResNet-56 and VGG-16 within
+  budget 0.2 get a final distillation fine-tune (``--final-epochs``, default 15) and are scored
+  on the test split.
+
+    python scripts/bench_quality.py --mode cpu [--trials 12] [--markdown results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from _bench_common import checkpoint, cifar_dir
+from fga_search._config import RunConfig
+from fga_search._pareto import hypervolume
+from fga_search._search import run_search
+
+STRATEGIES = ("uniform", "error-alloc", "random", "search")
+CASES = (
+    ("resnet56", "resnet56_cifar10.pt", 0.2),
+    ("resnet56", "resnet56_cifar10.pt", 0.35),
+    ("vgg16_cifar", "vgg16_cifar10.pt", 0.2),
+)
+
+
+@dataclass
+class Row:
+    model: str
+    budget: float
+    strategy: str
+    trials: int
+    best_val: float | None
+    best_test: float | None
+    flops: float | None
+    params: float | None
+    hv: float
+    seconds: float
+    epochs: float
+    device: str
+    run: str
+    plan: str | None
+
+
+def run_case(args: argparse.Namespace, model: str, weights: str, budget: float, strategy: str) -> Row:
+    out = os.path.join(args.out, f"{model}-b{budget:g}-{strategy}")
+    shutil.rmtree(out, ignore_errors=True)
+    gpu = args.mode == "gpu"
+    config = RunConfig(
+        out=out,
+        model=model,
+        weights=checkpoint(weights),
+        dataset="imagefolder",
+        data_dir=args.data_dir or cifar_dir(),
+        budget=budget,
+        trials=args.trials,
+        epochs=args.epochs if gpu else 0.0,
+        strategy=strategy,
+        seed=args.seed,
+        device=args.device,
+        batch_size=512 if gpu else 128,
+        lr=0.05 if gpu else 0.02,
+        calibration=256 if gpu else 128,
+        recalibration=1024 if gpu else 512,
+        val_limit=args.limit or (None if gpu else 2000),
+        test_limit=args.limit or (None if gpu else 2000),
+        train_limit=args.limit or (None if gpu else 10_000),
+        quiet=True,
+    )
+    start = time.perf_counter()
+    result = run_search(config)
+    seconds = time.perf_counter() - start
+    front = result.front
+    best = result.best
+    hv = hypervolume([r["val_acc"] for r in front], [r["flops_ratio"] for r in front])
+    return Row(
+        model=model,
+        budget=budget,
+        strategy=strategy,
+        trials=result.finished,
+        best_val=best["val_acc"] if best else None,
+        best_test=best.get("test_acc") if best else None,
+        flops=best["flops_ratio"] if best else None,
+        params=best["params_ratio"] if best else None,
+        hv=hv,
+        seconds=seconds,
+        epochs=config.epochs,
+        device=str(result.front[0]["device"]) if front else "?",
+        run=out,
+        plan=best["plan"] if best else None,
+    )
+
+
+def fmt(x: float | None, pct: bool = True) -> str:
+    return "-" if x is None else (f"{100 * x:.2f} %" if pct else f"{x:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs per trial (gpu mode)")
+    parser.add_argument(
+        "--final-epochs", type=float, default=15.0, help="final fine-tune of the best (gpu mode)"
+    )
+    parser.add_argument(
+        "--cases", default="all", help="comma-separated case indices (0: R56@0.2, 1: R56@0.35, 2: VGG@0.2)"
+    )
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="runs/bench-quality")
+    parser.add_argument("--markdown", help="also write the results table to this Markdown file")
+    parser.add_argument("--limit", type=int, help="cap every split at this many images (a quick dry run)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = CASES if args.cases == "all" else tuple(CASES[int(i)] for i in args.cases.split(","))
+    strategies = [s for s in args.strategies.split(",") if s]
+    rows: list[Row] = []
+    print(f"mode {args.mode}, {args.trials} trials per strategy, seed {args.seed}", flush=True)
+    for model, weights, budget in cases:
+        for strategy in strategies:
+            row = run_case(args, model, weights, budget, strategy)
+            rows.append(row)
+            print(
+                f"{model:<12} budget {budget:<5g} {strategy:<12} trials {row.trials:>3}  best val {fmt(row.best_val)}"
+                f"  test {fmt(row.best_test)}  FLOPs {fmt(row.flops)}  HV {row.hv:.4f}  {row.seconds:.0f} s",
+                flush=True,
+            )
+        by = {r.strategy: r for r in rows if r.model == model and r.budget == budget}
+        if "search" in by and ("uniform" in by or "error-alloc" in by):
+            rivals = [by[s].best_val or 0.0 for s in ("uniform", "error-alloc") if s in by]
+            gain = 100 * ((by["search"].best_val or 0.0) - max(rivals))
+            print(
+                f"  -> search vs the better of uniform and error-alloc: {gain:+.2f} points of validation accuracy",
+                flush=True,
+            )
+    finals = []
+    if args.mode == "gpu" and args.final_epochs > 0:
+        from fga_search._export import export
+
+        for model in ("resnet56", "vgg16_cifar"):
+            best = max(
+                (r for r in rows if r.model == model and r.budget == 0.2 and r.best_val is not None),
+                key=lambda r: r.best_val or 0.0,
+                default=None,
+            )
+            if best is None:
+                continue
+            start = time.perf_counter()
+            res = export(
+                best.run,
+                pick="best",
+                out=os.path.join(args.out, f"export-{model}"),
+                finetune_epochs=args.final_epochs,
+                device=args.device,
+            )
+            spec = res.spec
+            base = json.load(open(os.path.join(best.run, "run.json")))["baseline"]
+            finals.append((model, best.strategy, spec, base, time.perf_counter() - start))
+            acc = spec["accuracy"]
+            print(
+                f"final fine-tune {model} ({best.strategy}, {args.final_epochs:g} epochs): test {100 * acc['test']:.2f} % "
+                f"vs the original's {100 * base['test_acc']:.2f} % ({100 * (acc['test'] - base['test_acc']):+.2f} points), "
+                f"in {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    lines = [
+        "| model | budget | strategy | trials | best val acc | its test acc | FLOPs % | params % | HV | fine-tune epochs / trial | device | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.budget:g} | {r.strategy} | {r.trials} | {fmt(r.best_val)} | {fmt(r.best_test)} | {fmt(r.flops)} | "
+            f"{fmt(r.params)} | {r.hv:.4f} | {r.epochs:g} | {r.device} | {r.seconds:.0f} |"
+        )
+    for model, strategy, spec, base, seconds in finals:
+        acc = spec["accuracy"]
+        lines.append(
+            f"| {model}, final fine-tune | 0.2 | {strategy} | 1 | - | {fmt(acc['test'])} (original {fmt(base['test_acc'])}, "
+            f"{100 * (acc['test'] - base['test_acc']):+.2f} pp) | {fmt(spec['flops']['ratio'])} | | | {args.final_epochs:g} | "
+            f"{args.device} | {seconds:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Speed: latency-aware search on the target, the latency lookup table's accuracy, and GPU trials.
+
+``cpu`` (these machines: 2 threads, batch 1, float32), on the shared ResNet-56:
+
+1. the lookup table's whole-model estimate vs the measured model, for uniform and searched plans
+   of ResNet-56 and VGG-16 (mean and max absolute error of the latency ratio);
+2. ``fga-search --budget-metric latency --budget 0.6 --target cpu:2``: the exported best model's
+   latency vs the original's, measured in this process (medians of --runs runs, at least 50),
+   and its accuracy;
+3. the best FLOPs-only model at budget 0.2: its latency ratio on the same target;
+4. batch-norm folding of the exported models (torch.fx): kept only where measured faster.
+
+``gpu`` (an H100/H200; run by scripts/gpu_check.sh), on the shared ResNet-56 and CIFAR-10,
+batch 512, bf16 autocast, channels_last:
+
+1. fine-tuning throughput (images/s) of the original and of an FGA ResNet-56 at budget 0.2, in
+   fga-search's loop (data resident on the GPU, augmentation on the GPU, cached teacher logits)
+   vs a plain PyTorch loop on synthetic data already on the GPU, measured in the same run;
+2. seconds per 1-epoch trial (decomposition, refinement, BN recalibration, proxy evaluation,
+   fine-tuning, evaluation), median of 3 after a warm-up trial;
+3. a latency search on the GPU target (batch 512, bf16): the best model's latency vs the original;
+4. torch.compile: compile seconds and throughput for the FGA model.
+
+Every ratio is measured side by side in one run; figures are medians.
+
+    python scripts/bench_speed.py cpu [--trials 40] [--runs 100]
+    python scripts/bench_speed.py gpu --data-dir DIR --weights resnet56_cifar10.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from _bench_common import checkpoint, cifar_dir
+from fga_search import ModelProfile, build_model, export, load_exported
+from fga_search._config import RunConfig
+from fga_search._cost import CostModel
+from fga_search._search import run_search
+from fga_search._space import load_space
+from fga_search._spectra import SpectralTable
+from fga_search._strategies import error_alloc_plan, uniform_plan
+from fga_search._surgery import apply_plan_structure
+from fga_search.latency import LatencyModel, LatencyTable, Target, measure_latency
+
+
+def side_by_side(
+    models: dict[str, nn.Module], *, shape: tuple[int, ...], target: Target, runs: int
+) -> dict[str, float]:
+    """Median latency of each model, interleaved round by round so that drift hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(max(1, runs // 10)):
+        for name, model in models.items():
+            stats = measure_latency(model, input_shape=shape, target=target, warmup=3, repeats=10)
+            times[name].append(stats.median_ms)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Fold batch norms into the convs before them (torch.fx), for inference."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(copy.deepcopy(model).eval())
+
+
+def lut_accuracy(name: str, weights: str, target: Target, runs: int) -> None:
+    model = build_model(name, num_classes=10, weights=checkpoint(weights))
+    profile = ModelProfile(model, input_shape=(3, 32, 32))
+    lat = LatencyModel(model, profile, LatencyTable(target))
+    space = load_space("resnet_cifar" if name.startswith("resnet") else "vgg_cifar").resolve(profile.layers)
+    cost = CostModel(profile, "flops")
+    skip = {i.name for i in profile.layers} - {layer.name for layer in space.layers}
+    plans = {f"uniform g={g}": uniform_plan(profile, budget=0.2, groups=g, skip=skip) for g in (1, 2, 4, 8)}
+    alloc = error_alloc_plan(space, cost, SpectralTable(model), budget=0.2)
+    if alloc is not None:
+        plans["error-alloc"] = alloc
+    errors = []
+    for label, plan in plans.items():
+        built = apply_plan_structure(copy.deepcopy(model), plan)
+        measured = side_by_side({"o": model, "p": built}, shape=(3, 32, 32), target=target, runs=runs)
+        ratio = measured["p"] / measured["o"]
+        est = lat.ratio(plan)
+        errors.append(abs(est - ratio))
+        print(
+            f"  {name} {label:<12} FLOPs {profile.ratio(plan):.3f}  latency ratio estimated {est:.3f}  measured {ratio:.3f}"
+        )
+    print(
+        f"  {name}: lookup-table estimate vs measured latency ratio: mean abs error {statistics.mean(errors):.3f}, max {max(errors):.3f}"
+    )
+
+
+def cpu(args: argparse.Namespace) -> None:
+    torch.set_num_threads(2)
+    target = Target.parse("cpu:2")
+    print(f"target {target.key()}")
+    print("1. lookup table vs measured whole model (batch 1, float32, 2 threads):")
+    lut_accuracy("resnet56", "resnet56_cifar10.pt", target, args.runs)
+    lut_accuracy("vgg16_cifar", "vgg16_cifar10.pt", target, args.runs)
+
+    common = dict(
+        model="resnet56",
+        weights=checkpoint("resnet56_cifar10.pt"),
+        dataset="imagefolder",
+        data_dir=cifar_dir(),
+        trials=args.trials,
+        epochs=args.epochs,
+        train_limit=10_000,
+        val_limit=2_000,
+        test_limit=2_000,
+        device="cpu",
+        quiet=True,
+    )
+    runs = {}
+    for label, extra in (
+        ("latency", dict(budget=0.6, budget_metric="latency", objective="accuracy,latency", target="cpu:2")),
+        ("flops", dict(budget=0.2)),
+    ):
+        out = os.path.join(args.out, f"r56-{label}")
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        result = run_search(RunConfig(out=out, **common, **extra))  # type: ignore[arg-type]
+        ex = export(out, pick="best", out=os.path.join(out, "export"))
+        runs[label] = (result, ex, time.perf_counter() - start)
+    original = build_model("resnet56", num_classes=10, weights=checkpoint("resnet56_cifar10.pt"))
+    models = {"original": original}
+    for label, (_, ex, _) in runs.items():
+        models[label] = load_exported(ex.out)
+        models[f"{label}+bnfold"] = fold_bn(models[label])
+    models["original+bnfold"] = fold_bn(original)
+    ms = side_by_side(models, shape=(3, 32, 32), target=target, runs=args.runs)
+    base = ms["original"]
+    print(
+        f"2./3. exported best models, latency measured in this process ({args.runs} runs, medians; original {base:.3f} ms):"
+    )
+    for label, (result, ex, seconds) in runs.items():
+        spec = ex.spec
+        print(
+            f"  best of the {label} search ({result.finished} trials, {seconds / 60:.1f} min): latency ratio {ms[label] / base:.3f}, "
+            f"FLOPs ratio {spec['flops']['ratio']:.3f}, val {spec['accuracy']['val']:.4f}, test {spec['accuracy']['test']:.4f} "
+            f"(original test {result.baseline['test_acc']:.4f})"
+        )
+    print("4. batch-norm folding (torch.fx), latency ratio vs the same model unfolded:")
+    for label in ("original", *runs):
+        verdict = "faster: keep" if ms[f"{label}+bnfold"] < ms[label] else "not faster: drop"
+        print(f"  {label}: {ms[f'{label}+bnfold'] / ms[label]:.3f} ({verdict})")
+
+
+def plain_loop(model: nn.Module, *, batch: int, steps: int, shape: tuple[int, ...]) -> float:
+    """Images/s of a bare SGD + cross-entropy loop on synthetic data already on the GPU."""
+    device = torch.device("cuda")
+    model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def gpu(args: argparse.Namespace) -> None:
+    from fga_search._finetune import FinetuneConfig, finetune
+    from fga_search._setup import prepare
+    from fga_search._trial import TrialRunner
+
+    assert torch.cuda.is_available(), "the gpu benchmark needs CUDA"
+    torch.backends.cudnn.benchmark = True
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    config = RunConfig(
+        out=os.path.join(args.out, "gpu-setup"),
+        model="resnet56",
+        weights=args.weights or checkpoint("resnet56_cifar10.pt"),
+        dataset="imagefolder",
+        data_dir=args.data_dir or cifar_dir(),
+        batch_size=512,
+        lr=0.05,
+        epochs=1.0,
+        device="cuda",
+        quiet=True,
+    )
+    start = time.perf_counter()
+    setup = prepare(config, log=False)
+    print(f"setup (data decode or cache, model, space): {time.perf_counter() - start:.1f} s")
+    runner = TrialRunner(
+        model=setup.model, data=setup.data, normalization=setup.normalization, device=setup.device,
+        settings=setup.settings, seed=0, profile=setup.profile,
+    )  # fmt: skip
+    plan = uniform_plan(setup.profile, budget=0.2, groups=1, skip={"conv1"})
+    fga = runner.build(plan, seed=0)
+    print(
+        f"1. throughput, batch 512, bf16, channels_last (FGA plan: uniform g=1, FLOPs {setup.profile.ratio(plan):.3f}):"
+    )
+    for label, model in (("original", runner.model), ("FGA 0.2", fga)):
+        plain = plain_loop(model, batch=512, steps=60, shape=setup.data.input_shape)
+        student = copy.deepcopy(model)
+        cfg = FinetuneConfig(epochs=1.0, batch_size=512, lr=0.01)
+        finetune(
+            student, runner.train, config=cfg, teacher=runner.teacher, allow_flip=True, seed=0
+        )  # warm-up, fills the teacher cache
+        stats = finetune(student, runner.train, config=cfg, teacher=runner.teacher, allow_flip=True, seed=1)
+        ours = stats.images / stats.seconds
+        print(
+            f"  {label:<9} plain loop on synthetic data {plain:>8.0f} img/s; fga-search loop on CIFAR-10 {ours:>8.0f} img/s = {ours / plain:.2f} of plain"
+        )
+    print(
+        "2. 1-epoch trials (decompose + refine + BN recalibration + proxy eval + 1 epoch KD fine-tune + eval):"
+    )
+    times = []
+    for i, groups in enumerate((1, 2, 1, 4)):
+        p = uniform_plan(setup.profile, budget=0.2, groups=groups, skip={"conv1"})
+        out = runner.run(p, seed=i)
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in out.seconds.items())
+        print(f"  trial {i} (g={groups}): {out.seconds['total']:.2f} s, val {out.val_acc:.4f} ({phases})")
+        if i:
+            times.append(out.seconds["total"])
+    print(
+        f"  seconds per 1-epoch trial: median {statistics.median(times):.2f} s (after a warm-up trial); target < 6 s on an H100"
+    )
+    print("3. latency search on the GPU target (batch 512, bf16, channels_last):")
+    out_dir = os.path.join(args.out, "gpu-latency")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    lat_config = RunConfig(
+        **{**config.to_dict(), "out": out_dir, "objective": "accuracy,latency", "budget_metric": "latency", "budget": args.gpu_latency_budget,
+           "target": "cuda", "target_batch": 512, "target_dtype": "bf16", "trials": args.gpu_trials, "epochs": 0.5}
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = run_search(lat_config)
+    if result.best is not None:
+        best = result.best
+        target = Target.parse("cuda", batch=512, dtype="bf16")
+        original = runner.model
+        from fga_search._plan import load_plan
+
+        built = apply_plan_structure(copy.deepcopy(original), load_plan(best["plan"]))
+        ms = side_by_side(
+            {"original": original, "best": built}, shape=setup.data.input_shape, target=target, runs=50
+        )
+        record = json.load(open(os.path.join(out_dir, "run.json")))
+        pinned = record["latency"]["pinned_layers"]
+        fastest = min((r["latency_ratio"] for r in result.front if r.get("latency_ratio")), default=None)
+        print(
+            f"  {result.finished} trials in {time.perf_counter() - start:.0f} s; {len(pinned)} of {len(setup.space.layers)} layers kept "
+            f"dense (every FGA candidate slower on this GPU); best within latency budget {args.gpu_latency_budget}: "
+            f"val {best['val_acc']:.4f}, FLOPs {best['flops_ratio']:.3f}, latency ratio {ms['best'] / ms['original']:.3f} "
+            f"(original {ms['original']:.3f} ms per batch of 512); fastest front member's ratio {fastest}"
+        )
+    else:
+        print(f"  no trial within the latency budget {args.gpu_latency_budget} in {result.finished} trials")
+    print("4. torch.compile (FGA model, 1 epoch):")
+    student = copy.deepcopy(fga)
+    start = time.perf_counter()
+    stats = finetune(
+        student,
+        runner.train,
+        config=FinetuneConfig(epochs=1.0, batch_size=512, lr=0.01, compile=True),
+        teacher=runner.teacher,
+        seed=0,
+    )
+    first = time.perf_counter() - start
+    stats2 = finetune(
+        student,
+        runner.train,
+        config=FinetuneConfig(epochs=1.0, batch_size=512, lr=0.01, compile=True),
+        teacher=runner.teacher,
+        seed=1,
+    )
+    print(
+        f"  first compiled epoch {first:.1f} s (compile included), next {stats2.seconds:.1f} s = {stats2.images / stats2.seconds:.0f} img/s; "
+        f"a 1-epoch trial pays for compiling only if compile time < the epoch time saved"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["cpu", "gpu"])
+    parser.add_argument("--trials", type=int, default=40, help="trials per CPU search")
+    parser.add_argument("--epochs", type=float, default=0.05, help="fine-tuning epochs per CPU trial")
+    parser.add_argument("--runs", type=int, default=100, help="latency runs per model (>= 50)")
+    parser.add_argument("--gpu-trials", type=int, default=12)
+    parser.add_argument("--gpu-latency-budget", type=float, default=1.0)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--weights")
+    parser.add_argument("--out", default="runs/bench-speed")
+    args = parser.parse_args()
+    if args.runs < 50:
+        parser.error("--runs must be at least 50")
+    cpu(args) if args.mode == "cpu" else gpu(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks (issues 6 and 7) as one prepared script for a GPU machine whose Python has
+# torch but neither optuna nor ray. At most about 9 minutes on an H100.
+#
+#   scripts/gpu_check.sh --prepare   # here: copy the shared data and checkpoints, fetch the
+#                                    # optuna wheels for Python 3.12, into .gpu/ (git-ignored)
+#   scripts/gpu_check.sh [OUT_DIR]   # there, from the repository root, with .gpu/ carried along
+#
+# Expected output (OUT_DIR/speed.txt, OUT_DIR/quality.txt, OUT_DIR/results.md):
+#   speed.txt: 1. images/s of the plain loop and of fga-search's loop for the original and an FGA
+#     ResNet-56 at budget 0.2, with their ratio (target >= 0.90); 2. seconds per 1-epoch trial,
+#     median (target < 6 s on an H100); 3. the best latency-searched model's latency ratio at
+#     batch 512, bf16; 4. torch.compile's compile time and epoch time.
+#   quality.txt / results.md: best validation and test accuracy per strategy (ResNet-56 at 0.2,
+#     VGG-16 at 0.2) at equal fine-tuning budget, and the test accuracy after the final
+#     15-epoch distillation fine-tune of the best ResNet-56 and VGG-16.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    mkdir -p .gpu/shared/data .gpu/shared/models .gpu/whl
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    cp ../shared/data/cifar10-jpeg.tar.gz .gpu/shared/data/
+    cp ../shared/models/resnet56_cifar10.pt ../shared/models/vgg16_cifar10.pt .gpu/shared/models/
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .gpu/whl optuna==5.0.0 alembic sqlalchemy Mako colorlog greenlet
+    du -sh .gpu
+    exit 0
+fi
+
+OUT="${OUT:-${1:-gpu-out}}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/tmp/fga-cache FGA_SHARED_DIR="$PWD/.gpu/shared"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD:$PWD/scripts"
+mkdir -p /tmp/cifar10 && tar xzf .gpu/shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, optuna; print('torch', torch.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/gpu.txt"
+
+timeout 250 python3 scripts/bench_speed.py gpu --data-dir /tmp/cifar10 --out /tmp/fga-runs 2>&1 | tee "$OUT/speed.txt"
+timeout 300 python3 scripts/bench_quality.py --mode gpu --data-dir /tmp/cifar10 --cases 0,2 --strategies uniform,search \
+    --trials "${QUALITY_TRIALS:-8}" --epochs 1 --final-epochs 15 --device cuda --threads 16 --out /tmp/fga-quality \
+    --markdown "$OUT/results.md" 2>&1 | tee "$OUT/quality.txt"
+echo "gpu_check done"

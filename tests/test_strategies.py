@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fga_search import KEEP, ModelProfile, build_model, search
+from fga_search._cost import CostModel
+from fga_search._space import load_space
+from fga_search._spectra import SpectralTable
+from fga_search._strategies import (
+    error_alloc_plan,
+    mutate_weights,
+    stage_groups,
+    strategy_plans,
+    uniform_space_plan,
+)
+from helpers import rows
+
+
+@pytest.fixture(scope="module")
+def parts():  # type: ignore[no-untyped-def]
+    model = build_model("resnet20", num_classes=10)
+    profile = ModelProfile(model, input_shape=(3, 32, 32))
+    space = load_space("resnet_cifar").resolve(profile.layers)
+    return profile, space, CostModel(profile, "flops"), SpectralTable(model)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_uniform_plan_fits_the_budget_with_one_group_count(parts, groups: int) -> None:  # type: ignore[no-untyped-def]
+    profile, space, cost, _ = parts
+    plan = uniform_space_plan(space, cost, budget=0.25, groups=groups)
+    assert plan is not None and 0.2 < cost.ratio(plan) <= 0.25
+    assert {choice[0] for choice in plan.values()} == {groups}
+
+
+def test_hand_set_stage_groups(parts) -> None:  # type: ignore[no-untyped-def]
+    _, space, cost, _ = parts
+    by_channels = {layer.info.in_channels: stage_groups(layer) for layer in space.layers}
+    assert by_channels == {16: 4, 32: 8, 64: 8}  # group size 4 for 16 and 32 channels, 8 for 64
+    plan = uniform_space_plan(space, cost, budget=0.3, groups=stage_groups)
+    assert plan is not None and cost.ratio(plan) <= 0.3
+
+
+@pytest.mark.parametrize("budget", [0.15, 0.3])
+def test_error_alloc_minimises_the_largest_error(parts, budget: float) -> None:  # type: ignore[no-untyped-def]
+    profile, space, cost, spectra = parts
+    plan = error_alloc_plan(space, cost, spectra, budget=budget)
+    assert plan is not None and budget * 0.93 <= cost.ratio(plan) <= budget
+    worst = max(spectra.relative_error(n, *c) for n, c in plan.items() if c != KEEP)
+    # every layer's error is at most the common threshold ...
+    for name, choice in plan.items():
+        if choice != KEEP:
+            assert spectra.relative_error(name, *choice) <= worst
+    # ... and a plan whose layers all stay under a clearly lower threshold costs more than the budget
+    tighter = error_alloc_plan(space, cost, spectra, budget=budget * 1.3)
+    assert tighter is not None
+    assert max(spectra.relative_error(n, *c) for n, c in tighter.items() if c != KEEP) < worst
+
+
+def test_error_alloc_weights_move_rank_between_layers(parts) -> None:  # type: ignore[no-untyped-def]
+    _, space, cost, spectra = parts
+    base = error_alloc_plan(space, cost, spectra, budget=0.2)
+    name = space.layers[5].name
+    tighter = error_alloc_plan(space, cost, spectra, budget=0.2, weights={name: 0.5})
+    assert base is not None and tighter is not None
+    assert spectra.relative_error(name, *tighter[name]) < spectra.relative_error(name, *base[name])
+    assert cost.ratio(tighter) <= 0.2
+    child = mutate_weights({}, names=[layer.name for layer in space.layers], rng=random.Random(0))
+    changed = {k: v for k, v in child.items() if v != 1.0}
+    assert len(changed) == 3 and set(changed.values()) <= {0.8, 1.25}
+
+
+def test_strategy_plans(parts) -> None:  # type: ignore[no-untyped-def]
+    _, space, cost, spectra = parts
+    uniform = strategy_plans("uniform", space=space, cost=cost, spectra=spectra, budget=0.2, count=10)
+    assert len(uniform) == 10 and uniform[0][0] == "uniform g=1 at 100% of the budget"
+    assert all(cost.ratio(plan) <= 0.2 for _, plan in uniform)
+    alloc = strategy_plans("error-alloc", space=space, cost=cost, spectra=spectra, budget=0.2, count=4)
+    assert [label for label, _ in alloc] == [f"error-alloc at {p}% of the budget" for p in (100, 95, 90, 85)]
+    warm = strategy_plans("search", space=space, cost=cost, spectra=spectra, budget=0.2, count=20)
+    assert warm[0][0] == "error-alloc at 100% of the budget"
+    assert any(label.startswith("blend of") for label, _ in warm)
+    assert len({tuple(sorted(p.items())) for _, p in warm}) == len(warm)  # no duplicates
+    assert strategy_plans("random", space=space, cost=cost, spectra=spectra, budget=0.2, count=5) == []
+    with pytest.raises(ValueError, match="unknown strategy 'greedy'"):
+        strategy_plans("greedy", space=space, cost=cost, spectra=spectra, budget=0.2, count=5)
+
+
+@pytest.mark.slow
+def test_search_is_warm_started_and_mutates(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    search(out=str(tmp_path / "run"), budget=0.3, trials=12, epochs=0.0, quiet=True)
+    trials = rows(tmp_path / "run" / "trials.parquet")
+    sources = [r["source"] for r in trials]
+    assert sources[0] == "error-alloc at 100% of the budget"
+    assert all(s.startswith("uniform") for s in sources[1:3])  # a quarter of 12 trials: 3 seeds
+    assert any(s.startswith("mutation of trial") for s in sources[3:])
+    assert all(r["flops_ratio"] <= 0.3 for r in trials if r["within_budget"])
+    uniform = tmp_path / "uniform"
+    search(out=str(uniform), budget=0.3, trials=5, epochs=0.0, quiet=True, strategy="uniform")
+    assert [r["source"].startswith("uniform") for r in rows(uniform / "trials.parquet")] == [True] * 5
