@@ -101,6 +101,11 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=0.02, help="peak fine-tuning learning rate (default 0.02)")
     g.add_argument("--compile", action="store_true", help="torch.compile each trial's model for fine-tuning")
     g.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN autotune every new conv shape during trials (off: each trial brings new FGA shapes)",
+    )
+    g.add_argument(
         "--device-data-gb",
         type=float,
         default=8.0,

@@ -49,6 +49,7 @@ class RunConfig:
     test_limit: int | None = None
     image_size: int | None = None
     compile: bool = False
+    cudnn_benchmark: bool = False
     device_data_gb: float = 8.0
     calibration: int = 256
     recalibration: int = 1024

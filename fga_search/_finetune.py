@@ -90,13 +90,17 @@ class TeacherCache:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
         side = batch.flipped.long()
-        missing = ~self.known[side, batch.index]
-        if bool(missing.any()):
+        rows = torch.nonzero(~self.known[side, batch.index]).flatten()
+        if len(rows):
+            # Pad the missing rows to a power of two (repeating the first): a handful of batch
+            # shapes instead of one per count, so cuDNN does not re-tune for every step.
+            size = min(len(batch.index), 1 << (len(rows) - 1).bit_length())
+            rows = torch.cat([rows, rows[:1].expand(size - len(rows))])
             with autocast(self.data.device, self.amp_dtype):
-                out = self.teacher(batch.x[missing]).float()
-            self.logits[side[missing], batch.index[missing]] = out
-            self.known[side[missing], batch.index[missing]] = True
-            self.computed += int(missing.sum())
+                out = self.teacher(batch.x[rows]).float()
+            self.logits[side[rows], batch.index[rows]] = out
+            self.known[side[rows], batch.index[rows]] = True
+            self.computed += len(rows)
         return self.logits[side, batch.index]
 
 

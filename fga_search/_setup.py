@@ -198,6 +198,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, compile=config.compile
         ),
         device_data_bytes=int(config.device_data_gb * 2**30),
+        cudnn_benchmark=config.cudnn_benchmark,
         calibration=min(config.calibration, len(data.train)),
         recalibration=config.recalibration,
         latency_target=latency.table.target if latency is not None else None,

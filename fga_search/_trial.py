@@ -56,6 +56,7 @@ class TrialSettings:
     refine_mode: str = "asymmetric"
     eval_batch: int = 512
     device_data_bytes: int = 8 * 2**30  # larger splits stay in pinned host memory
+    cudnn_benchmark: bool = False  # autotune cuDNN kernels for each new shape during trials
     recalibrate_after_steps: int = 200  # re-estimate BN statistics after fine-tunes shorter than this
     latency_target: Target | None = None  # measure each trial's model there, before fine-tuning
     latency_base_ms: float | None = None  # the original model's latency on that target
@@ -120,7 +121,9 @@ class TrialRunner:
         self.model = model.to(device).eval()
         if cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+            # Every trial brings new FGA conv shapes; autotuning each of them cost 2-4 s per
+            # 1-epoch trial on an H200, more than it saves (latency measurement still autotunes).
+            torch.backends.cudnn.benchmark = settings.cudnn_benchmark
         self.profile = profile or ModelProfile(model, input_shape=data.input_shape)
         split = {
             "device": device,

@@ -184,7 +184,6 @@ def gpu(args: argparse.Namespace) -> None:
     from fga_search._trial import TrialRunner
 
     assert torch.cuda.is_available(), "the gpu benchmark needs CUDA"
-    torch.backends.cudnn.benchmark = True
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
     config = RunConfig(
         out=os.path.join(args.out, "gpu-setup"),

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fga_search._data import Split
+from fga_search._finetune import FinetuneConfig, TeacherCache, finetune
+from fga_search._loader import Augment, DeviceSplit, Normalization
+
+
+def data(n: int = 96) -> DeviceSplit:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 6, 6), generator=gen, dtype=torch.uint8)
+    labels = (images.float().mean((1, 2, 3)) > 127).long()
+    return DeviceSplit(
+        Split(images, labels), device="cpu", normalization=Normalization((0.5,) * 3, (0.25,) * 3)
+    )
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(108, 2))
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        return self.net(x)
+
+
+def test_teacher_logits_are_computed_once_per_image_and_side() -> None:
+    split = data()
+    teacher = Counting()
+    cache = TeacherCache(teacher, split, num_classes=2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):  # six epochs with random flips
+        for batch in split.batches(32, shuffle=True, augment=Augment(flip=True), generator=gen):
+            logits = cache(batch)
+            with torch.no_grad():
+                expected = teacher.net(batch.x)
+            torch.testing.assert_close(logits, expected)
+    assert bool(cache.known.all())  # every image seen in both orientations
+    assert all(size & (size - 1) == 0 for size in teacher.batch_sizes)  # padded to powers of two
+    assert sum(teacher.batch_sizes) == cache.computed < 6 * len(split)  # far fewer than one pass per step
+
+
+def test_finetune_fractional_epochs_and_distillation() -> None:
+    split = data()
+    torch.manual_seed(0)
+    student, teacher = (
+        nn.Sequential(nn.Flatten(), nn.Linear(108, 2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(108, 2)),
+    )
+    cache = TeacherCache(teacher, split, num_classes=2)
+    stats = finetune(
+        student, split, config=FinetuneConfig(epochs=0.5, batch_size=16, lr=0.05), teacher=cache, seed=0
+    )
+    assert stats.steps == 3 and stats.images == 48
+    with torch.no_grad():
+        x = split.take(torch.arange(len(split)))
+        before = (student(x).softmax(1) - teacher(x).softmax(1)).abs().mean()
+    finetune(
+        student,
+        split,
+        config=FinetuneConfig(epochs=8, batch_size=16, lr=0.1, kd_alpha=1.0),
+        teacher=cache,
+        seed=1,
+    )
+    with torch.no_grad():
+        after = (student(x).softmax(1) - teacher(x).softmax(1)).abs().mean()
+    assert after < before  # the student moves towards the teacher
+    assert finetune(student, split, config=FinetuneConfig(epochs=0.0), seed=0).steps == 0
+
+
+def test_non_finite_loss_raises() -> None:
+    split = data()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(108, 2))
+    with torch.no_grad():
+        student[1].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
+        finetune(student, split, config=FinetuneConfig(epochs=1, batch_size=16), seed=0)
+
+
+def test_cached_teacher_refuses_random_crops() -> None:
+    split = data()
+    cache = TeacherCache(nn.Sequential(nn.Flatten(), nn.Linear(108, 2)), split, num_classes=2)
+    with pytest.raises(ValueError, match="cached teacher logits need crop=False"):
+        finetune(
+            nn.Sequential(nn.Flatten(), nn.Linear(108, 2)),
+            split,
+            config=FinetuneConfig(crop=True),
+            teacher=cache,
+        )
