@@ -19,6 +19,7 @@ import copy
 import datetime as dt
 import json
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import ray
 import ray._private.ray_constants as constants
 import torch
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from ._data import DataBundle, Split
 from ._loader import Normalization
@@ -40,8 +42,10 @@ from ._search import (
     REPORT_EVERY,
     SearchResult,
     best_row,
+    enqueue_initial_plans,
     finalize,
-    initial_plans,
+    maybe_enqueue_mutation,
+    mutation_rng,
     proposal_record,
     refresh_report,
 )
@@ -203,9 +207,43 @@ class _Space:
         prop = setup.propose(setup.space.to_plan(params))
         record = proposal_record(setup, prop, number=trial.number, backend="ray")
         record["source"] = trial.user_attrs.get("source", "sampler")
+        if "alloc_weights" in trial.user_attrs:
+            record["alloc_weights"] = trial.user_attrs["alloc_weights"]
         trial.set_user_attr("record", record)
         set_budget_constraint(trial, prop.constraint)
         return {"number": trial.number, **record}
+
+
+def _study_rows(study: Any, costs: list[str]) -> list[dict[str, Any]]:
+    """The searcher's finished trials as rows (record, accuracy, costs) for mutation parents."""
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        record = t.user_attrs.get("record")
+        if record is None or t.values is None:
+            continue
+        row = {**record, "trial": t.number, "state": "COMPLETE", "status": "ok", "val_acc": t.values[0]}
+        row.update(zip(costs, t.values[1:]))
+        rows.append(row)
+    return rows
+
+
+class _MutatingSearch(OptunaSearch):  # type: ignore[misc]
+    """Ray's OptunaSearch with the Optuna backend's local moves: before each new trial it may
+    queue a mutation of the best error allocation so far (same rule and random stream)."""
+
+    def __init__(self, *, key: str, rng: random.Random, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.key = key
+        self.rng = rng
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        study = self._ot_study
+        if trial_id not in self._ot_trials and self.key in _SETUPS and study is not None:
+            setup = _SETUPS[self.key]
+            maybe_enqueue_mutation(setup, study, _study_rows(study, setup.config.costs), self.rng)
+        return super().suggest(trial_id)  # type: ignore[no-any-return]
 
 
 def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:
@@ -291,7 +329,6 @@ class RaySearch:
     def searcher(self) -> Any:
         import optuna
         from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
 
         c = self.config
         kind = "random" if c.strategy in ("random", "uniform", "error-alloc") else c.sampler
@@ -300,9 +337,10 @@ class RaySearch:
         name = c.study_name or f"fga-search:{self.folder.path}"
         study = open_study(storage=storage, name=name, sampler=sampler, costs=len(c.costs))
         if not study.get_trials(deepcopy=False):  # a new run: the warm start, as the Optuna backend's
-            for label, plan in initial_plans(self.setup):
-                study.enqueue_trial(self.setup.space.to_params(plan), user_attrs={"source": label})
-        alg = OptunaSearch(
+            enqueue_initial_plans(self.setup, study)
+        alg = _MutatingSearch(
+            key=self.folder.path,
+            rng=mutation_rng(c, 0),
             space=_Space(self.folder.path),
             metric=["val_acc", *c.costs],
             mode=["max", *(["min"] * len(c.costs))],

@@ -117,13 +117,49 @@ def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:
 
 
 MUTATION_RATE = 0.9  # share of the search's own proposals that mutate the best allocation so far
+SPREAD_RATE = 0.2  # share of mutations re-allocated below the budget, to fill the front
+SPREAD_SCALES = (0.5, 0.95)  # their budget scale, drawn uniformly (fraction of the budget)
+
+
+def enqueue_initial_plans(setup: SearchSetup, study: optuna.Study) -> None:
+    """Queue a new run's initial plans; the equal-threshold error allocation is marked as a
+    parent for mutations (its allocation weights are all 1)."""
+    for label, plan in initial_plans(setup):
+        attrs: dict[str, Any] = {"source": label}
+        if label.startswith("error-alloc at 100%"):
+            attrs["alloc_weights"] = {}  # equal error thresholds: a parent for mutations
+        study.enqueue_trial(setup.space.to_params(plan), user_attrs=attrs)
+
+
+def mutation_rng(config: RunConfig, finished: int) -> random.Random:
+    """The random stream that decides between mutations and sampler proposals: the same in both
+    backends for a new run (a resumed Optuna run continues on a stream of its own)."""
+    return random.Random(config.seed * 7919 + finished)
+
+
+def maybe_enqueue_mutation(
+    setup: SearchSetup, study: optuna.Study, rows: list[dict[str, Any]], rng: random.Random
+) -> None:
+    """Before each ask of a search: with probability MUTATION_RATE, and when no trial is already
+    waiting, queue a mutation of the best error allocation so far."""
+    if setup.config.strategy != "search" or rng.random() >= MUTATION_RATE:
+        return
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return
+    move = propose_mutation(setup, rows, rng)
+    if move is not None:
+        label, plan, weights = move
+        study.enqueue_trial(
+            setup.space.to_params(plan), user_attrs={"source": label, "alloc_weights": weights}
+        )
 
 
 def propose_mutation(
     setup: SearchSetup, rows: list[dict[str, Any]], rng: random.Random
 ) -> tuple[str, Plan, dict[str, float]] | None:
     """A local move: the best trial within budget that came from an error allocation has its
-    per-layer error thresholds perturbed; the plan is re-allocated at the budget."""
+    per-layer error thresholds perturbed; the plan is re-allocated at the budget, or (a share
+    SPREAD_RATE of the moves) at a fraction of it, so that the front spans the costs."""
     parents = [
         r for r in front_rows(rows, costs=setup.config.costs) if isinstance(r.get("alloc_weights"), dict)
     ]
@@ -132,12 +168,14 @@ def propose_mutation(
     parent = max(parents, key=lambda r: r["val_acc"])
     names = [layer.name for layer in setup.space.layers]
     weights = mutate_weights(parent["alloc_weights"], names=names, rng=rng)
+    scale = rng.uniform(*SPREAD_SCALES) if rng.random() < SPREAD_RATE else 1.0
     plan = error_alloc_plan(
-        setup.space, setup.cost, setup.spectra, budget=setup.config.budget, weights=weights
+        setup.space, setup.cost, setup.spectra, budget=setup.config.budget * scale, weights=weights
     )
     if plan is None:
         return None
-    return f"mutation of trial {parent['trial']}", plan, weights
+    label = f"mutation of trial {parent['trial']}"
+    return (label if scale == 1.0 else f"{label} at {scale:.0%} of the budget"), plan, weights
 
 
 def objective_values(config: RunConfig, accuracy: float, record: dict[str, Any]) -> list[float]:
@@ -265,11 +303,7 @@ class _OptunaSearch:
         sampler = make_sampler(kind, seed=c.seed + existing, population=c.population, trials=c.trials)
         study = open_study(storage=storage, name=name, sampler=sampler, costs=len(c.costs))
         if existing == 0:
-            for label, plan in initial_plans(self.setup):
-                attrs: dict[str, Any] = {"source": label}
-                if label.startswith("error-alloc at 100%"):
-                    attrs["alloc_weights"] = {}  # equal error thresholds: a parent for mutations
-                study.enqueue_trial(self.setup.space.to_params(plan), user_attrs=attrs)
+            enqueue_initial_plans(self.setup, study)
         return study
 
     def rows(self, study: optuna.Study) -> list[dict[str, Any]]:
@@ -336,15 +370,9 @@ class _OptunaSearch:
                 progress.note(
                     f"strategy {c.strategy} has {total} distinct plans: running {total} trials, not {c.trials}"
                 )
-        rng = random.Random(c.seed * 7919 + len(rows))
+        rng = mutation_rng(c, finished)
         while finished < total and (deadline is None or time.monotonic() < deadline):
-            if c.strategy == "search" and rng.random() < MUTATION_RATE:
-                if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                    move = propose_mutation(self.setup, rows, rng)
-                    if move is not None:
-                        label, plan, weights = move
-                        attrs = {"source": label, "alloc_weights": weights}
-                        study.enqueue_trial(self.setup.space.to_params(plan), user_attrs=attrs)
+            maybe_enqueue_mutation(self.setup, study, rows, rng)
             trial, record, prop = self.step(study)
             result = self.execute(trial, record, prop, known)
             if result.status == "interrupted":
