@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,7 @@ def _runner(payload: _Payload) -> TrialRunner:
 
 def _trainable(config: dict[str, Any], payload: _Payload) -> None:
     meta = {
+        "started_at": time.time(),  # Tune's own timestamp is in whole seconds
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "gpu_ids": json.dumps([str(g) for g in ray.get_gpu_ids()]),
@@ -125,7 +127,7 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
     }
     costs = {"flops_ratio": config["flops_ratio"], "latency_ratio": config.get("latency_estimate_ratio")}
     if not config["within_budget"]:
-        tune.report({"val_acc": 0.0, **costs, "status": "infeasible", **meta})
+        tune.report({"val_acc": 0.0, **costs, "status": "infeasible", **meta, "ended_at": time.time()})
         return
     runner = _runner(payload)
     try:
@@ -139,6 +141,7 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
                 "latency_ratio": exc.ratio,
                 "status": "infeasible",
                 **meta,
+                "ended_at": time.time(),
             }
         )
         return
@@ -148,6 +151,7 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
         "status": "ok",
         "device": str(runner.device),
         **meta,
+        "ended_at": time.time(),
     }
     with tempfile.TemporaryDirectory() as folder:
         state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
@@ -270,9 +274,11 @@ def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None
         row["state"] = "COMPLETE"
     else:
         row.update(state="RUNNING", status="running")
-    end = metrics.get("timestamp")
-    if end is not None:
-        total = float(metrics.get("time_total_s") or 0.0)
+    if "started_at" in metrics and "ended_at" in metrics:
+        row["datetime_start"] = dt.datetime.fromtimestamp(metrics["started_at"]).isoformat()
+        row["datetime_complete"] = dt.datetime.fromtimestamp(metrics["ended_at"]).isoformat()
+    elif metrics.get("timestamp") is not None:
+        end, total = metrics["timestamp"], float(metrics.get("time_total_s") or 0.0)
         row["datetime_complete"] = dt.datetime.fromtimestamp(end).isoformat()
         row["datetime_start"] = dt.datetime.fromtimestamp(end - total).isoformat()
     row["backend"] = "ray"

@@ -135,6 +135,34 @@ class SearchSetup:
         }
 
 
+class LatencyBudgetError(ValueError):
+    """A latency budget below the fastest plan's estimate; ``floor`` is that estimate (a ratio)."""
+
+    def __init__(self, message: str, *, floor: float) -> None:
+        super().__init__(message)
+        self.floor = floor
+
+
+def check_latency_budget(budget: float, latency: LatencyModel, space: ResolvedSpace, target: Target) -> None:
+    """Refuse a latency budget that no plan of the space can meet: the fastest plan (each layer at
+    its fastest option, from the lookup table) is estimated above it."""
+    fastest = {
+        layer.name: latency.fastest_choice(
+            layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
+        )
+        for layer in space.layers
+    }
+    floor = latency.ratio(fastest)
+    if floor > budget:
+        rest = latency.rest_ms / latency.base_ms
+        raise LatencyBudgetError(
+            f"--budget {budget:g} of the latency is out of reach on {target.hardware()}: the fastest "
+            f"plan of the space is estimated at {floor:.2f} of the original's {latency.base_ms:.2f} ms "
+            f"(everything but the convolutions takes {rest:.0%} of it); use --budget {floor + 0.01:.2f} or more",
+            floor=floor,
+        )
+
+
 def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
     """Load and check the model, weights, data and space. Raises ``ValueError`` on bad input and
     writes nothing (except the caches of decoded datasets and the quickstart model)."""
@@ -193,6 +221,8 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
                 f"latency on {target.hardware()}: {len(pinned)} layer(s) kept dense, every FGA candidate is slower",
                 file=sys.stderr,
             )
+        if config.budget_metric == "latency":
+            check_latency_budget(config.budget, latency, space, target)
     settings = TrialSettings(
         finetune=FinetuneConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, compile=config.compile

@@ -330,6 +330,19 @@ class LatencyModel:
     def ratio(self, plan: Mapping[str, tuple[int, int] | str]) -> float:
         return self.estimate_ms(plan) / self.baseline.median_ms
 
+    def fastest_choice(
+        self, name: str, groups: Sequence[int], min_rank: Mapping[int, int]
+    ) -> tuple[int, int] | str:
+        """The layer's fastest option on this target: dense, or a group count at its smallest rank."""
+        info, hw = self.profile.by_name[name], self.profile.in_hw[name]
+        best: tuple[int, int] | str = KEEP
+        best_ms = self.dense.get(name, 0.0)
+        for g in groups:
+            ms = self.table.measure(info, hw, (g, min_rank[g]))
+            if ms < best_ms:
+                best, best_ms = (g, min_rank[g]), ms
+        return best
+
     def slower_everywhere(self, name: str, groups: Sequence[int], min_rank: Mapping[int, int]) -> bool:
         """True if every FGA candidate of the layer (each group count at its smallest rank, the
         fastest it can be) is slower than the dense layer on this target."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from fga_search import ModelProfile, decomposable_layers, search
 from fga_search.latency import LatencyModel, LatencyTable, Target, measure_latency
-from helpers import rows, wide_cnn
+from helpers import rows, run_cli, wide_cnn
 
 
 def test_target_parsing_and_validation() -> None:
@@ -135,3 +136,27 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
     html = (run / "report.html").read_text()
     assert "Latency on the target" in html and f"{len(lat['pinned_layers'])} layer(s) are kept dense" in html
     assert result.front == [] or result.front[0]["latency_ratio"] <= 0.9
+
+
+def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path) -> None:
+    """A latency budget below the fastest plan of the space: a one-line error, exit code 2, and
+    no run folder."""
+    proc = run_cli(
+        [
+            "--budget",
+            "0.05",
+            "--budget-metric",
+            "latency",
+            "--target",
+            "cpu:1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        home=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fga-search: error: --budget 0.05 of the latency is out of reach on ")
+    floor = float(re.search(r"estimated at ([0-9.]+) of the original", last).group(1))  # type: ignore[union-attr]
+    assert 0.05 < floor <= 1.0 and f"use --budget {floor + 0.01:.2f} or more" in last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
