@@ -420,8 +420,7 @@ def export(
     """
     from . import __version__
     from ._flops import measure_macs
-    from ._setup import prepare
-    from ._trial import TrialRunner
+    from ._setup import make_runner, prepare
 
     chosen = _check_pick(pick)
     kinds = _check_formats(formats)
@@ -440,15 +439,7 @@ def export(
     plan = load_plan(source["plan"])
     setup = prepare(_run_config(view, device), log=False)
     _check_same_inputs(view, setup)
-    runner = TrialRunner(
-        model=setup.model,
-        data=setup.data,
-        normalization=setup.normalization,
-        device=setup.device,
-        settings=setup.settings,
-        seed=setup.config.seed,
-        profile=setup.profile,
-    )
+    runner = make_runner(setup)
     try:
         staging = tempfile.mkdtemp(prefix=".fga-export-", dir=anchor)
     except OSError as exc:

@@ -32,8 +32,8 @@ from ._plan import Plan, load_plan
 from ._progress import Progress
 from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
 from ._runfolder import RunFolder
-from ._setup import Proposal, SearchSetup, prepare
-from ._strategies import error_alloc_plan, mutate_weights, strategy_plans
+from ._setup import Proposal, SearchSetup, make_runner, prepare
+from ._strategies import error_alloc_plan, grow_ranks, mutate_weights, strategy_plans
 from ._study import (
     count_finished,
     make_sampler,
@@ -149,23 +149,29 @@ def maybe_enqueue_mutation(
     move = propose_mutation(setup, rows, rng)
     if move is not None:
         label, plan, weights = move
-        study.enqueue_trial(
-            setup.space.to_params(plan), user_attrs={"source": label, "alloc_weights": weights}
-        )
+        attrs: dict[str, Any] = {"source": label}
+        if weights is not None:
+            attrs["alloc_weights"] = weights
+        study.enqueue_trial(setup.space.to_params(plan), user_attrs=attrs)
 
 
 def propose_mutation(
     setup: SearchSetup, rows: list[dict[str, Any]], rng: random.Random
-) -> tuple[str, Plan, dict[str, float]] | None:
-    """A local move: the best trial within budget that came from an error allocation has its
-    per-layer error thresholds perturbed; the plan is re-allocated at the budget, or (a share
-    SPREAD_RATE of the moves) at a fraction of it, so that the front spans the costs."""
-    parents = [
-        r for r in front_rows(rows, costs=setup.config.costs) if isinstance(r.get("alloc_weights"), dict)
-    ]
-    if not parents:
+) -> tuple[str, Plan, dict[str, float] | None] | None:
+    """A local move from the most accurate trial on the front.
+
+    If it came from an error allocation, its per-layer error thresholds are perturbed and the
+    plan is re-allocated at the budget, or (a share SPREAD_RATE of the moves) at a fraction of
+    it, so that the front spans the costs. Otherwise (a uniform plan, a blend, a sampler's
+    plan) three of its layers get a quarter more rank and the repair takes the cost back from
+    the layers where it loses the least approximation quality."""
+    front = front_rows(rows, costs=setup.config.costs)
+    if not front:
         return None
-    parent = max(parents, key=lambda r: r["val_acc"])
+    parent = max(front, key=lambda r: r["val_acc"])
+    label = f"mutation of trial {parent['trial']}"
+    if not isinstance(parent.get("alloc_weights"), dict):
+        return label, grow_ranks(setup.space, load_plan(parent["plan"]), rng=rng), None
     names = [layer.name for layer in setup.space.layers]
     weights = mutate_weights(parent["alloc_weights"], names=names, rng=rng)
     scale = rng.uniform(*SPREAD_SCALES) if rng.random() < SPREAD_RATE else 1.0
@@ -174,7 +180,6 @@ def propose_mutation(
     )
     if plan is None:
         return None
-    label = f"mutation of trial {parent['trial']}"
     return (label if scale == 1.0 else f"{label} at {scale:.0%} of the budget"), plan, weights
 
 
@@ -582,18 +587,6 @@ def _latency_record(setup: SearchSetup) -> dict[str, Any] | None:
         "pinned_layers": list(setup.pinned),
         "table": lat.table.path,
     }
-
-
-def make_runner(setup: SearchSetup) -> TrialRunner:
-    return TrialRunner(
-        model=setup.model,
-        data=setup.data,
-        normalization=setup.normalization,
-        device=setup.device,
-        settings=setup.settings,
-        seed=setup.config.seed,
-        profile=setup.profile,
-    )
 
 
 def run_search(config: RunConfig) -> SearchResult:

@@ -25,7 +25,7 @@ from ._repair import repair
 from ._runfolder import file_digest
 from ._space import ResolvedSpace, load_space
 from ._spectra import SpectralTable
-from ._trial import TrialSettings, resolve_device
+from ._trial import TrialRunner, TrialSettings, resolve_device
 from ._zoo import ModelSpec, build_model, resolve_model
 from .latency import LatencyModel, LatencyTable, Target
 
@@ -141,6 +141,19 @@ class LatencyBudgetError(ValueError):
     def __init__(self, message: str, *, floor: float) -> None:
         super().__init__(message)
         self.floor = floor
+
+
+def make_runner(setup: SearchSetup) -> TrialRunner:
+    """The trial runner of a prepared search: its model, data, device and settings."""
+    return TrialRunner(
+        model=setup.model,
+        data=setup.data,
+        normalization=setup.normalization,
+        device=setup.device,
+        settings=setup.settings,
+        seed=setup.config.seed,
+        profile=setup.profile,
+    )
 
 
 def check_latency_budget(budget: float, latency: LatencyModel, space: ResolvedSpace, target: Target) -> None:

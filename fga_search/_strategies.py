@@ -29,6 +29,7 @@ __all__ = [
     "STRATEGIES",
     "blend",
     "error_alloc_plan",
+    "grow_ranks",
     "mutate_weights",
     "rank_for_fraction",
     "stage_groups",
@@ -205,6 +206,21 @@ def mutate_weights(
     child = {name: float(parent.get(name, 1.0)) for name in names}
     for name in rng.sample(names, min(layers, len(names))):
         child[name] *= rng.choice((0.8, 1.25))
+    return child
+
+
+def grow_ranks(space: ResolvedSpace, plan: Plan, *, rng: random.Random, layers: int = 3) -> Plan:
+    """A child of any plan: ``layers`` random decomposed layers' ranks raised by a quarter (at
+    least 1, at most the space's highest rank). It may exceed the budget: the repair takes the
+    cost back from the layers where that loses the least approximation quality."""
+    child = dict(plan)
+    grown = [layer for layer in space.layers if isinstance(child.get(layer.name), (tuple, list))]
+    for layer in rng.sample(grown, min(layers, len(grown))):
+        choice = child[layer.name]
+        assert not isinstance(choice, str)
+        g, r = int(choice[0]), int(choice[1])
+        top = layer.rank_for(g, layer.rank.high)
+        child[layer.name] = (g, min(top, max(r + 1, round(r * 1.25))))
     return child
 
 

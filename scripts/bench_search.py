@@ -21,9 +21,8 @@ import torch
 from _bench_common import checkpoint, cifar_dir
 from fga_search._config import RunConfig
 from fga_search._search import run_search
-from fga_search._setup import prepare
+from fga_search._setup import make_runner, prepare
 from fga_search._strategies import uniform_plan
-from fga_search._trial import TrialRunner
 
 
 def main() -> None:
@@ -72,15 +71,7 @@ def main() -> None:
     print(f"  completed {len(done)}, failed {sum(r['state'] == 'FAIL' for r in trials)}")
 
     setup = prepare(config, log=False)
-    runner = TrialRunner(
-        model=setup.model,
-        data=setup.data,
-        normalization=setup.normalization,
-        device=setup.device,
-        settings=setup.settings,
-        seed=config.seed,
-        profile=setup.profile,
-    )
+    runner = make_runner(setup)
     searched = {layer.name for layer in setup.space.layers}
     skip = {info.name for info in setup.profile.layers if info.name not in searched}
     print(f"uniform plans at budget {args.budget} (same groups and rank fraction in every searched layer):")

@@ -10,6 +10,7 @@ from fga_search._space import load_space
 from fga_search._spectra import SpectralTable
 from fga_search._strategies import (
     error_alloc_plan,
+    grow_ranks,
     mutate_weights,
     stage_groups,
     strategy_plans,
@@ -69,6 +70,25 @@ def test_error_alloc_weights_move_rank_between_layers(parts) -> None:  # type: i
     child = mutate_weights({}, names=[layer.name for layer in space.layers], rng=random.Random(0))
     changed = {k: v for k, v in child.items() if v != 1.0}
     assert len(changed) == 3 and set(changed.values()) <= {0.8, 1.25}
+
+
+def test_grow_ranks_raises_three_layers_then_repair_restores_the_budget(parts) -> None:  # type: ignore[no-untyped-def]
+    from fga_search._repair import repair
+
+    _, space, cost, spectra = parts
+    parent = uniform_space_plan(space, cost, budget=0.2, groups=4)
+    assert parent is not None
+    child = grow_ranks(space, parent, rng=random.Random(1))
+    changed = {n for n in parent if child[n] != parent[n]}
+    assert len(changed) == 3
+    for name in changed:
+        (g0, r0), (g1, r1) = parent[name], child[name]
+        layer = next(layer for layer in space.layers if layer.name == name)
+        assert g1 == g0 and r1 == min(layer.rank_for(g0, layer.rank.high), max(r0 + 1, round(r0 * 1.25)))
+    assert cost.ratio(child) > cost.ratio(parent)
+    fixed = repair(child, cost=cost, spectra=spectra, space=space, budget=0.2)
+    assert cost.ratio(fixed) <= 0.2 and fixed != parent
+    assert grow_ranks(space, {n: KEEP for n in parent}, rng=random.Random(1)) == {n: KEEP for n in parent}
 
 
 def test_strategy_plans(parts) -> None:  # type: ignore[no-untyped-def]
