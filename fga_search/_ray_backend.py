@@ -222,12 +222,14 @@ def _study_rows(study: Any, costs: list[str]) -> list[dict[str, Any]]:
     """The searcher's finished trials as rows (record, accuracy, costs) for mutation parents."""
     from optuna.trial import TrialState
 
+    from ._study import trial_row as study_row
+
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        record = t.user_attrs.get("record")
-        if record is None or t.values is None:
+        if "record" not in t.user_attrs or t.values is None:
             continue
-        row = {**record, "trial": t.number, "state": "COMPLETE", "status": "ok", "val_acc": t.values[0]}
+        # Tune tells the study the metrics only: accuracy and costs come from the trial's values
+        row = {**study_row(t), "status": "ok", "val_acc": t.values[0]}
         row.update(zip(costs, t.values[1:]))
         rows.append(row)
     return rows

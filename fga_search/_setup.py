@@ -156,15 +156,9 @@ def make_runner(setup: SearchSetup) -> TrialRunner:
     )
 
 
-def check_latency_budget(budget: float, latency: LatencyModel, space: ResolvedSpace, target: Target) -> None:
-    """Refuse a latency budget that no plan of the space can meet: the fastest plan (each layer at
-    its fastest option, from the lookup table) is estimated above it."""
-    fastest = {
-        layer.name: latency.fastest_choice(
-            layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
-        )
-        for layer in space.layers
-    }
+def check_latency_budget(budget: float, latency: LatencyModel, fastest: Plan, target: Target) -> None:
+    """Refuse a latency budget that no plan of the space can meet: ``fastest`` (each layer at its
+    fastest option, from the lookup table) is estimated above it."""
     floor = latency.ratio(fastest)
     if floor > budget:
         rest = latency.rest_ms / latency.base_ms
@@ -224,10 +218,13 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
         assert config.target is not None
         target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
         latency = LatencyModel(model, profile, LatencyTable(target))
-        for layer in space.layers:
-            lowest = {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
-            if latency.slower_everywhere(layer.name, layer.groups, lowest):
-                pinned.append(layer.name)
+        fastest: Plan = {
+            layer.name: latency.fastest_choice(
+                layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
+            )
+            for layer in space.layers
+        }
+        pinned = [name for name, choice in fastest.items() if choice == KEEP]
         space = space.without(set(pinned))
         if log and pinned:
             print(
@@ -235,7 +232,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
                 file=sys.stderr,
             )
         if config.budget_metric == "latency":
-            check_latency_budget(config.budget, latency, space, target)
+            check_latency_budget(config.budget, latency, fastest, target)
     settings = TrialSettings(
         finetune=FinetuneConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, compile=config.compile

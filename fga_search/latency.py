@@ -333,7 +333,8 @@ class LatencyModel:
     def fastest_choice(
         self, name: str, groups: Sequence[int], min_rank: Mapping[int, int]
     ) -> tuple[int, int] | str:
-        """The layer's fastest option on this target: dense, or a group count at its smallest rank."""
+        """The layer's fastest option on this target: dense (``KEEP``: every FGA candidate, each
+        group count at its smallest rank, is slower), or a group count at its smallest rank."""
         info, hw = self.profile.by_name[name], self.profile.in_hw[name]
         best: tuple[int, int] | str = KEEP
         best_ms = self.dense.get(name, 0.0)
@@ -342,13 +343,3 @@ class LatencyModel:
             if ms < best_ms:
                 best, best_ms = (g, min_rank[g]), ms
         return best
-
-    def slower_everywhere(self, name: str, groups: Sequence[int], min_rank: Mapping[int, int]) -> bool:
-        """True if every FGA candidate of the layer (each group count at its smallest rank, the
-        fastest it can be) is slower than the dense layer on this target."""
-        dense = self.dense.get(name, 0.0)
-        return all(
-            self.table.measure(self.profile.by_name[name], self.profile.in_hw[name], (g, min_rank[g]))
-            >= dense
-            for g in groups
-        )

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fga_search import search
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -49,3 +51,15 @@ def resnet56(shared: Path):  # type: ignore[no-untyped-def]
     from fga_search import build_model
 
     return build_model("resnet56", num_classes=10, weights=shared / "models" / "resnet56_cifar10.pt")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real quickstart run (digits CNN), small: 8 trials of 1 epoch, once per test module
+    (the export and report tests write into it)."""
+    home = tmp_path_factory.mktemp("home")
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        search(out=str(out), budget=0.2, trials=8, epochs=1, quiet=True)
+    return out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from fga_search import build_model, export, load_dataset, load_exported, search
+from fga_search import build_model, export, load_dataset, load_exported
 from fga_search._cli import main
 from fga_search._evaluate import evaluate
 from fga_search._flops import measure_macs
@@ -21,17 +21,6 @@ from fga_search._surgery import apply_plan_structure
 from helpers import digits_trial, fake_run, rows
 
 PLAN = {"features.3": [8, 5], "features.6": [8, 2], "features.10": [8, 8], "features.13": [4, 3]}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real quickstart run (digits CNN), small: 8 trials of 1 epoch."""
-    home = tmp_path_factory.mktemp("home")
-    out = tmp_path_factory.mktemp("runs") / "quick"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        search(out=str(out), budget=0.2, trials=8, epochs=1, quiet=True)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from urllib.parse import urlparse
 import pyarrow.parquet as pq
 import pytest
 
-from fga_search import search
 from fga_search._cli import main
 from fga_search._pareto import hypervolume
 from fga_search._report import _seconds, markdown_table, write_report
@@ -34,17 +33,6 @@ PLANS = [
     {"features.3": [1, 7], "features.6": [4, 2], "features.10": [4, 14], "features.13": [4, 5]},
     {"features.6": [4, 4], "features.13": [8, 4]},
 ]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real quickstart run (digits CNN), small: 8 trials of 1 epoch."""
-    home = tmp_path_factory.mktemp("home")
-    out = tmp_path_factory.mktemp("runs") / "quick"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        search(out=str(out), budget=0.2, trials=8, epochs=1, quiet=True)
-    return out
 
 
 @pytest.fixture
