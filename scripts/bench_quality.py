@@ -17,7 +17,7 @@ Two modes:
   budget 0.2 get a final distillation fine-tune (``--final-epochs``, default 15) and are scored
   on the test split.
 
-    python scripts/bench_quality.py --mode cpu [--trials 12] [--markdown results.md]
+    python scripts/bench_quality.py --mode cpu [--trials 12] [--seeds 0,1,2] [--markdown results.md]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Row:
     model: str
     budget: float
     strategy: str
+    seed: int
     trials: int
     best_val: float | None
     best_test: float | None
@@ -62,8 +63,10 @@ class Row:
     plan: str | None
 
 
-def run_case(args: argparse.Namespace, model: str, weights: str, budget: float, strategy: str) -> Row:
-    out = os.path.join(args.out, f"{model}-b{budget:g}-{strategy}")
+def run_case(
+    args: argparse.Namespace, model: str, weights: str, budget: float, strategy: str, seed: int
+) -> Row:
+    out = os.path.join(args.out, f"{model}-b{budget:g}-{strategy}" + (f"-s{seed}" if seed else ""))
     shutil.rmtree(out, ignore_errors=True)
     gpu = args.mode == "gpu"
     config = RunConfig(
@@ -76,7 +79,7 @@ def run_case(args: argparse.Namespace, model: str, weights: str, budget: float, 
         trials=args.trials,
         epochs=args.epochs if gpu else 0.0,
         strategy=strategy,
-        seed=args.seed,
+        seed=seed,
         device=args.device,
         batch_size=512 if gpu else 128,
         lr=0.05 if gpu else 0.02,
@@ -97,6 +100,7 @@ def run_case(args: argparse.Namespace, model: str, weights: str, budget: float, 
         model=model,
         budget=budget,
         strategy=strategy,
+        seed=seed,
         trials=result.finished,
         best_val=best["val_acc"] if best else None,
         best_test=best.get("test_acc") if best else None,
@@ -127,7 +131,9 @@ def main() -> None:
         "--cases", default="all", help="comma-separated case indices (0: R56@0.2, 1: R56@0.35, 2: VGG@0.2)"
     )
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default="0", help="comma-separated seeds; each runs every case (default: 0)"
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
@@ -138,25 +144,37 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cases = CASES if args.cases == "all" else tuple(CASES[int(i)] for i in args.cases.split(","))
     strategies = [s for s in args.strategies.split(",") if s]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     rows: list[Row] = []
-    print(f"mode {args.mode}, {args.trials} trials per strategy, seed {args.seed}", flush=True)
-    for model, weights, budget in cases:
-        for strategy in strategies:
-            row = run_case(args, model, weights, budget, strategy)
-            rows.append(row)
-            print(
-                f"{model:<12} budget {budget:<5g} {strategy:<12} trials {row.trials:>3}  best val {fmt(row.best_val)}"
-                f"  test {fmt(row.best_test)}  FLOPs {fmt(row.flops)}  HV {row.hv:.4f}  {row.seconds:.0f} s",
-                flush=True,
-            )
-        by = {r.strategy: r for r in rows if r.model == model and r.budget == budget}
-        if "search" in by and ("uniform" in by or "error-alloc" in by):
-            rivals = [by[s].best_val or 0.0 for s in ("uniform", "error-alloc") if s in by]
-            gain = 100 * ((by["search"].best_val or 0.0) - max(rivals))
-            print(
-                f"  -> search vs the better of uniform and error-alloc: {gain:+.2f} points of validation accuracy",
-                flush=True,
-            )
+    gains: dict[tuple[str, float], list[float]] = {}
+    started = time.perf_counter()
+    print(f"mode {args.mode}, {args.trials} trials per strategy, seeds {seeds}", flush=True)
+    for seed in seeds:
+        for model, weights, budget in cases:
+            for strategy in strategies:
+                row = run_case(args, model, weights, budget, strategy, seed)
+                rows.append(row)
+                print(
+                    f"{model:<12} budget {budget:<5g} {strategy:<12} seed {seed} trials {row.trials:>3}  best val {fmt(row.best_val)}"
+                    f"  test {fmt(row.best_test)}  FLOPs {fmt(row.flops)}  HV {row.hv:.4f}  {row.seconds:.0f} s",
+                    flush=True,
+                )
+            by = {r.strategy: r for r in rows if r.model == model and r.budget == budget and r.seed == seed}
+            if "search" in by and ("uniform" in by or "error-alloc" in by):
+                rivals = [by[s].best_val or 0.0 for s in ("uniform", "error-alloc") if s in by]
+                gain = 100 * ((by["search"].best_val or 0.0) - max(rivals))
+                gains.setdefault((model, budget), []).append(gain)
+                print(
+                    f"  -> search vs the better of uniform and error-alloc: {gain:+.2f} points of validation accuracy",
+                    flush=True,
+                )
+    print(f"wall time of all runs: {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    for (model, budget), values in gains.items():
+        print(
+            f"search's gain over the better of uniform and error-alloc, {model} @{budget:g}, seeds {seeds}: "
+            f"{', '.join(f'{v:+.2f}' for v in values)} (mean {sum(values) / len(values):+.2f}) points",
+            flush=True,
+        )
     finals = []
     if args.mode == "gpu" and args.final_epochs > 0:
         from fga_search._export import export
@@ -188,18 +206,18 @@ def main() -> None:
                 flush=True,
             )
     lines = [
-        "| model | budget | strategy | trials | best val acc | its test acc | FLOPs % | params % | HV | fine-tune epochs / trial | device | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | budget | strategy | seed | trials | best val acc | its test acc | FLOPs % | params % | HV | fine-tune epochs / trial | device | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.budget:g} | {r.strategy} | {r.trials} | {fmt(r.best_val)} | {fmt(r.best_test)} | {fmt(r.flops)} | "
+            f"| {r.model} | {r.budget:g} | {r.strategy} | {r.seed} | {r.trials} | {fmt(r.best_val)} | {fmt(r.best_test)} | {fmt(r.flops)} | "
             f"{fmt(r.params)} | {r.hv:.4f} | {r.epochs:g} | {r.device} | {r.seconds:.0f} |"
         )
     for model, strategy, spec, base, seconds in finals:
         acc = spec["accuracy"]
         lines.append(
-            f"| {model}, final fine-tune | 0.2 | {strategy} | 1 | - | {fmt(acc['test'])} (original {fmt(base['test_acc'])}, "
+            f"| {model}, final fine-tune | 0.2 | {strategy} | {seeds[0]} | 1 | - | {fmt(acc['test'])} (original {fmt(base['test_acc'])}, "
             f"{100 * (acc['test'] - base['test_acc']):+.2f} pp) | {fmt(spec['flops']['ratio'])} | | | {args.final_epochs:g} | "
             f"{args.device} | {seconds:.0f} |"
         )

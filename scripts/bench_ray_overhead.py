@@ -84,8 +84,8 @@ def main() -> None:
     print(
         f"{'backend':<8} {'overhead/trial median s':>24} {'mean s':>8} {'own work median s':>18} {'process wall s':>15}"
     )
-    for name, (med, mean, own, wall) in results.items():
-        print(f"{name:<8} {med:>24.3f} {mean:>8.3f} {own:>18.3f} {wall:>15.1f}")
+    for name, (med, mean, own_med, wall) in results.items():
+        print(f"{name:<8} {med:>24.3f} {mean:>8.3f} {own_med:>18.3f} {wall:>15.1f}")
     print(
         f"Ray / Optuna overhead ratio (medians): {results['ray'][0] / max(results['optuna'][0], 1e-9):.1f}x; target: Ray under 1.5 s per trial"
     )
