@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 from optuna.trial import TrialState
 
+from ._baseline_cache import BaselineCache, accuracy_key
 from ._config import RunConfig
 from ._pareto import knee_index, pareto_mask
 from ._plan import Plan, load_plan
@@ -265,11 +266,29 @@ def _raise_interrupted(signum: int, frame: types.FrameType | None) -> None:
     raise _Interrupted(signal.Signals(signum).name)
 
 
+def _original_accuracy(setup: SearchSetup, runner: TrialRunner, split: str) -> float:
+    """The original model's accuracy on a split, from the on-disk cache when this model and these
+    images were scored before (see _baseline_cache)."""
+    key = accuracy_key(
+        runner.model,
+        setup.data.val if split == "val" else setup.data.test,
+        normalization=setup.normalization.to_dict(),
+        device=runner.device,
+        amp_dtype=runner.amp,
+    )
+    cache = BaselineCache()
+    accuracy = cache.get(key)
+    if accuracy is None:
+        accuracy = runner.evaluate(runner.model, split=split)
+        cache.put(key, accuracy)
+    return accuracy
+
+
 def _baseline(setup: SearchSetup, runner: TrialRunner) -> dict[str, Any]:
     p = setup.profile
     return {
-        "val_acc": runner.evaluate(runner.model),
-        "test_acc": runner.evaluate(runner.model, split="test"),
+        "val_acc": _original_accuracy(setup, runner, "val"),
+        "test_acc": _original_accuracy(setup, runner, "test"),
         "macs": p.base_macs,
         "params": p.base_params,
         "flops_ratio": 1.0,

@@ -5,6 +5,7 @@ model + weights + data -> space -> profile (FLOPs) -> spectra (for repair) -> pr
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -25,9 +26,10 @@ from ._repair import repair
 from ._runfolder import file_digest
 from ._space import ResolvedSpace, load_space
 from ._spectra import SpectralTable
+from ._surgery import apply_plan_structure
 from ._trial import TrialRunner, TrialSettings, resolve_device
 from ._zoo import ModelSpec, build_model, resolve_model
-from .latency import LatencyModel, LatencyTable, Target
+from .latency import LatencyModel, LatencyTable, Target, measure_latency
 
 __all__ = ["Proposal", "SearchSetup", "prepare"]
 
@@ -224,6 +226,14 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
             )
             for layer in space.layers
         }
+        # one whole-model measurement of the fastest plan fits the table's estimates to the model
+        if any(choice != KEEP for choice in fastest.values()):
+            fastest_model = apply_plan_structure(copy.deepcopy(model), fastest)
+            latency.calibrate(
+                fastest,
+                measure_latency(fastest_model, input_shape=profile.input_shape, target=target).median_ms,
+            )
+            del fastest_model
         pinned = [name for name, choice in fastest.items() if choice == KEEP]
         space = space.without(set(pinned))
         if log and pinned:

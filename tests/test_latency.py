@@ -100,6 +100,29 @@ def test_latency_model_estimate_of_the_original_is_its_measurement(
     assert set(lat.dense) == {"0", "3", "6"}
 
 
+def test_calibration_fits_the_estimates_to_one_measured_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = wide_cnn()
+    profile = ModelProfile(model, input_shape=(1, 8, 8))
+    lat = LatencyModel(model, profile, LatencyTable(Target.parse("cpu:1"), repeats=3, warmup=1), repeats=5)
+    both = {"3": (1, 2), "6": (1, 2)}
+    one = {"3": (1, 2)}
+    raw_both, raw_one = lat.estimate_ms(both) - lat.base_ms, lat.estimate_ms(one) - lat.base_ms
+    assert abs(raw_both) >= 0.01 * lat.base_ms  # the table sees a change worth calibrating on
+    measured = lat.base_ms + 0.5 * raw_both  # the whole model changes half as much as the table says
+    assert lat.calibrate(both, measured) == pytest.approx(0.5)
+    assert lat.estimate_ms(both) == pytest.approx(measured)
+    assert lat.estimate_ms(one) == pytest.approx(lat.base_ms + 0.5 * raw_one)
+    assert lat.estimate_ms({}) == pytest.approx(lat.base_ms)
+    # a measurement that contradicts the table's sign leaves the estimates alone
+    assert lat.calibrate(both, lat.base_ms - 2 * raw_both) == 1.0
+    assert lat.estimate_ms(both) == pytest.approx(lat.base_ms + raw_both)
+    with pytest.raises(ValueError, match="measured_ms must be positive, got 0"):
+        lat.calibrate(both, 0.0)
+
+
 @pytest.mark.slow
 def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -1,0 +1,134 @@
+"""Why FGA pairs are not faster on these CPUs at batch 1: the convolution kernels PyTorch picks.
+
+For the three ResNet-56 stage geometries (16 channels at 32x32, 32 at 16x16, 64 at 8x8), times
+one forward (batch 1, float32, --threads threads, inference mode) of: the dense 3x3 conv, the FGA
+pair's grouped 3x3 conv (g groups, rank r chosen for ~18 % of the dense FLOPs), the same conv run
+as one dense conv with a block-diagonal weight (g times the FLOPs, the same result), and the 1x1
+conv. Then whole models: the original ResNet-56 and its error-allocation plan at FLOPs 0.2, with
+grouped and with block-diagonal execution. All timed side by side, round by round; medians, and
+ratios to the dense conv / the original model.
+
+    python scripts/bench_cpu_kernels.py [--threads 2] [--runs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _bench_common import checkpoint
+from fga_search import ModelProfile, build_model
+from fga_search._cost import CostModel
+from fga_search._fga import FGAConv2d
+from fga_search._space import load_space
+from fga_search._spectra import SpectralTable
+from fga_search._strategies import error_alloc_plan
+from fga_search._surgery import apply_plan_structure
+
+
+def block_diagonal(conv: nn.Conv2d) -> torch.Tensor:
+    """The grouped conv's weight as one dense conv's weight (zeros between the groups)."""
+    w, groups = conv.weight.detach(), conv.groups
+    per_out, per_in = w.shape[0] // groups, w.shape[1]
+    full = w.new_zeros(w.shape[0], per_in * groups, *w.shape[2:])
+    for i in range(groups):
+        full[i * per_out : (i + 1) * per_out, i * per_in : (i + 1) * per_in] = w[
+            i * per_out : (i + 1) * per_out
+        ]
+    return full
+
+
+class BlockDiagonalFGA(nn.Module):
+    """An FGA pair whose grouped conv runs as a dense conv with a block-diagonal weight."""
+
+    def __init__(self, fga: FGAConv2d) -> None:
+        super().__init__()
+        g = fga.grouped
+        self.stride, self.padding, self.dilation = g.stride, g.padding, g.dilation
+        self.register_buffer("weight", block_diagonal(g))
+        self.pointwise = fga.pointwise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
+        return self.pointwise(y)
+
+
+def block_diagonal_model(model: nn.Module) -> nn.Module:
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, FGAConv2d):
+            parent = out.get_submodule(name.rpartition(".")[0]) if "." in name else out
+            setattr(parent, name.rpartition(".")[2], BlockDiagonalFGA(module))
+    return out
+
+
+def side_by_side(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
+    for _ in range(max(1, runs // 10)):
+        for name, fn in fns.items():
+            for _ in range(10):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"batch 1, float32, {args.threads} threads, medians of {args.runs} runs (µs; ratio to the dense conv)"
+    )
+    for c, hw in ((16, 32), (32, 16), (64, 8)):
+        x = torch.randn(1, c, hw, hw)
+        fns: dict[str, Callable[[], object]] = {}
+        dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
+        fns["dense"] = partial(dense, x)
+        for g in (1, 2, 4, 8):
+            r = max(1, round(0.18 * 9 * c * c / (9 * c + g * c)))
+            grouped = nn.Conv2d(c, g * r, 3, padding=1, groups=g, bias=False).eval()
+            weight = block_diagonal(grouped)
+            torch.testing.assert_close(F.conv2d(x, weight, padding=1), grouped(x), rtol=1e-4, atol=1e-4)
+            pointwise = nn.Conv2d(g * r, c, 1, bias=False).eval()
+            y = grouped(x)
+            fns[f"g{g} r{r} grouped"] = partial(grouped, x)
+            if g > 1:
+                fns[f"g{g} r{r} block-diagonal"] = partial(F.conv2d, x, weight, padding=1)
+            fns[f"g{g} r{r} 1x1"] = partial(pointwise, y)
+        us = side_by_side(fns, args.runs)
+        cells = ", ".join(f"{k} {v:.0f} ({v / us['dense']:.2f})" for k, v in us.items())
+        print(f"  {c} channels at {hw}x{hw}: {cells}")
+
+    model = build_model("resnet56", num_classes=10, weights=checkpoint("resnet56_cifar10.pt")).eval()
+    profile = ModelProfile(model, input_shape=(3, 32, 32))
+    space = load_space("resnet_cifar").resolve(profile.layers)
+    plan = error_alloc_plan(space, CostModel(profile, "flops"), SpectralTable(model), budget=0.2)
+    assert plan is not None
+    fga = apply_plan_structure(copy.deepcopy(model), plan).eval()
+    blockdiag = block_diagonal_model(fga).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(blockdiag(x), fga(x), rtol=1e-3, atol=1e-3)
+    models = {"original": model, "FGA grouped": fga, "FGA block-diagonal": blockdiag}
+    us = side_by_side({k: partial(m, x) for k, m in models.items()}, args.runs)
+    print(f"ResNet-56, error-allocation plan at FLOPs {profile.ratio(plan):.3f}, batch 1:")
+    for k, v in us.items():
+        print(f"  {k}: {v / 1e3:.2f} ms ({v / us['original']:.2f}x the original)")
+
+
+if __name__ == "__main__":
+    main()
