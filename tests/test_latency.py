@@ -88,25 +88,24 @@ def test_estimates_interpolate_between_anchor_ranks(tmp_path: Path) -> None:
     assert table.entry_key(infos[0], (12, 12), (1, 6)) not in table.entries  # interpolated, not measured
 
 
-def test_latency_model_estimate_of_the_original_is_its_measurement(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def wide_latency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LatencyModel:
+    """The latency model of ``wide_cnn`` on one CPU thread, with a table in a fresh cache folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = wide_cnn()
     profile = ModelProfile(model, input_shape=(1, 8, 8))
-    lat = LatencyModel(model, profile, LatencyTable(Target.parse("cpu:1"), repeats=3, warmup=1), repeats=5)
+    return LatencyModel(model, profile, LatencyTable(Target.parse("cpu:1"), repeats=3, warmup=1), repeats=5)
+
+
+def test_latency_model_estimate_of_the_original_is_its_measurement(wide_latency: LatencyModel) -> None:
+    lat = wide_latency
     assert lat.estimate_ms({}) == pytest.approx(lat.base_ms)
     assert lat.ratio({"0": "keep"}) == pytest.approx(1.0)
     assert set(lat.dense) == {"0", "3", "6"}
 
 
-def test_calibration_fits_the_estimates_to_one_measured_plan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    model = wide_cnn()
-    profile = ModelProfile(model, input_shape=(1, 8, 8))
-    lat = LatencyModel(model, profile, LatencyTable(Target.parse("cpu:1"), repeats=3, warmup=1), repeats=5)
+def test_calibration_fits_the_estimates_to_one_measured_plan(wide_latency: LatencyModel) -> None:
+    lat = wide_latency
     both = {"3": (1, 2), "6": (1, 2)}
     one = {"3": (1, 2)}
     raw_both, raw_one = lat.estimate_ms(both) - lat.base_ms, lat.estimate_ms(one) - lat.base_ms
