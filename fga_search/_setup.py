@@ -29,7 +29,7 @@ from ._spectra import SpectralTable
 from ._surgery import apply_plan_structure
 from ._trial import TrialRunner, TrialSettings, resolve_device
 from ._zoo import ModelSpec, build_model, resolve_model
-from .latency import LatencyModel, LatencyTable, Target, measure_latency
+from .latency import LatencyModel, LatencyTable, Target, measure_side_by_side
 
 __all__ = ["Proposal", "SearchSetup", "prepare"]
 
@@ -158,6 +158,27 @@ def make_runner(setup: SearchSetup) -> TrialRunner:
     )
 
 
+def calibrate_latency(latency: LatencyModel, model: nn.Module, space: ResolvedSpace) -> Plan:
+    """The space's fastest plan (each layer at its fastest option in the lookup table: dense, or a
+    group count at its smallest rank), measured as a whole model side by side with the original;
+    the table's estimates are calibrated on it (``LatencyModel.calibrate``). Returns the plan."""
+    fastest: Plan = {
+        layer.name: latency.fastest_choice(
+            layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
+        )
+        for layer in space.layers
+    }
+    if any(choice != KEEP for choice in fastest.values()):
+        built = apply_plan_structure(copy.deepcopy(model), fastest)
+        ms = measure_side_by_side(
+            {"original": model, "fastest": built},
+            input_shape=latency.input_shape,
+            target=latency.table.target,
+        )
+        latency.calibrate(fastest, latency.base_ms * ms["fastest"] / ms["original"])
+    return fastest
+
+
 def check_latency_budget(budget: float, latency: LatencyModel, fastest: Plan, target: Target) -> None:
     """Refuse a latency budget that no plan of the space can meet: ``fastest`` (each layer at its
     fastest option, from the lookup table) is estimated above it."""
@@ -220,20 +241,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
         assert config.target is not None
         target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
         latency = LatencyModel(model, profile, LatencyTable(target))
-        fastest: Plan = {
-            layer.name: latency.fastest_choice(
-                layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
-            )
-            for layer in space.layers
-        }
-        # one whole-model measurement of the fastest plan fits the table's estimates to the model
-        if any(choice != KEEP for choice in fastest.values()):
-            fastest_model = apply_plan_structure(copy.deepcopy(model), fastest)
-            latency.calibrate(
-                fastest,
-                measure_latency(fastest_model, input_shape=profile.input_shape, target=target).median_ms,
-            )
-            del fastest_model
+        fastest = calibrate_latency(latency, model, space)
         pinned = [name for name, choice in fastest.items() if choice == KEEP]
         space = space.without(set(pinned))
         if log and pinned:

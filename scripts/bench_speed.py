@@ -45,24 +45,19 @@ from fga_search import ModelProfile, build_model, export, load_exported
 from fga_search._config import RunConfig
 from fga_search._cost import CostModel
 from fga_search._search import run_search
-from fga_search._setup import LatencyBudgetError
+from fga_search._setup import LatencyBudgetError, calibrate_latency
 from fga_search._space import load_space
 from fga_search._spectra import SpectralTable
 from fga_search._strategies import error_alloc_plan, uniform_plan
 from fga_search._surgery import apply_plan_structure
-from fga_search.latency import LatencyModel, LatencyTable, Target, measure_latency
+from fga_search.latency import LatencyModel, LatencyTable, Target, measure_side_by_side
 
 
 def side_by_side(
     models: dict[str, nn.Module], *, shape: tuple[int, ...], target: Target, runs: int
 ) -> dict[str, float]:
     """Median latency of each model, interleaved round by round so that drift hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(max(1, runs // 10)):
-        for name, model in models.items():
-            stats = measure_latency(model, input_shape=shape, target=target, warmup=3, repeats=10)
-            times[name].append(stats.median_ms)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return measure_side_by_side(models, input_shape=shape, target=target, rounds=max(1, runs // 10))
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -84,19 +79,9 @@ def lut_accuracy(name: str, weights: str, target: Target, runs: int) -> None:
     if alloc is not None:
         plans["error-alloc"] = alloc
     # as the search does: calibrate the table on the fastest plan of the space, measured whole
-    fastest = {
-        layer.name: lat.fastest_choice(
-            layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
-        )
-        for layer in space.layers
-    }
     raw = {label: lat.ratio(plan) for label, plan in plans.items()}
-    built = apply_plan_structure(copy.deepcopy(model), fastest)
-    measured = side_by_side({"o": model, "p": built}, shape=(3, 32, 32), target=target, runs=runs)
-    lat.calibrate(fastest, lat.base_ms * measured["p"] / measured["o"])
-    print(
-        f"  {name}: calibrated on the fastest plan (measured ratio {measured['p'] / measured['o']:.3f}): scale {lat.scale:.3f}"
-    )
+    calibrate_latency(lat, model, space)
+    print(f"  {name}: table scale fitted on the fastest plan: {lat.scale:.3f} (1: not calibrated)")
     errors: dict[str, list[float]] = {"raw": [], "calibrated": []}
     for label, plan in plans.items():
         built = apply_plan_structure(copy.deepcopy(model), plan)
