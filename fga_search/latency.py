@@ -51,6 +51,9 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+MIN_CALIBRATION_CHANGE = 0.2  # smallest table change (a share of the original's latency) to calibrate on
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -357,16 +360,16 @@ class LatencyModel:
 
         Layers timed one at a time miss what a whole model shares (warm caches, one thread pool,
         the memory traffic between layers): on 2 CPU cores the raw table overestimated every
-        VGG-16 plan's latency ratio by about 0.25-0.3. A plan whose table change is under 5 % of
-        the original's latency (a measured difference that small is mostly noise: on ResNet-56,
-        whose fastest plan changes it by 2-5 %, fitting it made the estimates worse), or a scale
-        outside 0.1-10 (the table and the measurement disagree on the sign), leaves the
-        estimates as they were (scale 1)."""
+        VGG-16 plan's latency ratio by about 0.2-0.3. A plan whose table change is under 20 % of
+        the original's latency (the measurement's noise, a few percent, would then swing the
+        scale by a quarter or more: on ResNet-56, whose fastest plan changes it by 3-9 %, fits
+        gave scales from 0.82 to 2.67 and worse estimates), or a scale outside 0.1-10 (the table
+        and the measurement disagree on the sign), leaves the estimates as they were (scale 1)."""
         if not measured_ms > 0:
             raise ValueError(f"measured_ms must be positive, got {measured_ms}")
         change = self._table_change_ms(plan)
         self.scale = 1.0
-        if abs(change) >= 0.05 * self.base_ms:
+        if abs(change) >= MIN_CALIBRATION_CHANGE * self.base_ms:
             scale = (measured_ms - self.base_ms) / change
             if 0.1 <= scale <= 10.0:
                 self.scale = scale

@@ -8,7 +8,7 @@ import pytest
 from torch import nn
 
 from fga_search import ModelProfile, decomposable_layers, search
-from fga_search.latency import LatencyModel, LatencyTable, Target, measure_latency
+from fga_search.latency import MIN_CALIBRATION_CHANGE, LatencyModel, LatencyTable, Target, measure_latency
 from helpers import rows, run_cli, wide_cnn
 
 
@@ -104,12 +104,14 @@ def test_latency_model_estimate_of_the_original_is_its_measurement(wide_latency:
     assert set(lat.dense) == {"0", "3", "6"}
 
 
-def test_calibration_fits_the_estimates_to_one_measured_plan(wide_latency: LatencyModel) -> None:
+def test_calibration_fits_the_estimates_to_one_measured_plan(
+    wide_latency: LatencyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lat = wide_latency
     both = {"3": (1, 2), "6": (1, 2)}
     one = {"3": (1, 2)}
     raw_both, raw_one = lat.estimate_ms(both) - lat.base_ms, lat.estimate_ms(one) - lat.base_ms
-    assert abs(raw_both) >= 0.05 * lat.base_ms  # the table sees a change worth calibrating on
+    assert abs(raw_both) >= MIN_CALIBRATION_CHANGE * lat.base_ms  # a change worth calibrating on
     measured = lat.base_ms + 0.5 * raw_both  # the whole model changes half as much as the table says
     assert lat.calibrate(both, measured) == pytest.approx(0.5)
     assert lat.estimate_ms(both) == pytest.approx(measured)
@@ -120,6 +122,9 @@ def test_calibration_fits_the_estimates_to_one_measured_plan(wide_latency: Laten
     assert lat.estimate_ms(both) == pytest.approx(lat.base_ms + raw_both)
     with pytest.raises(ValueError, match="measured_ms must be positive, got 0"):
         lat.calibrate(both, 0.0)
+    # a plan that changes the estimate by less than the threshold is too noisy to calibrate on
+    monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 2 * abs(raw_both) / lat.base_ms)
+    assert lat.calibrate(both, lat.base_ms + 0.5 * raw_both) == 1.0
 
 
 @pytest.mark.slow
