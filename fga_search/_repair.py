@@ -2,8 +2,14 @@
 
 Greedy, data-free: repeatedly lower the rank (by about 10 %, at least 1) of the decomposed layer
 whose step costs the least relative squared weight error per unit of cost saved (MACs,
-parameters or estimated milliseconds, as the budget's ``CostModel`` says), until the plan fits. If every decomposed layer is at rank 1, the most expensive kept layer of the space is
+parameters or estimated milliseconds, as the budget's ``CostModel`` says), until the plan fits.
+If every decomposed layer is at rank 1, the most expensive kept layer of the space is
 decomposed too. The result depends only on the plan and the trained weights.
+
+Under a latency budget, cost is not monotone in the choice: a grouped pair can be slower than the
+dense conv at any rank, and a pair of another group count faster. There a layer may also switch
+to its fastest option (dense, or a group count at its smallest rank) when that saves time, with
+the same error-per-saving priority (switching back to dense loses no approximation quality).
 """
 
 from __future__ import annotations
@@ -34,47 +40,69 @@ def repair(
         return plan
     by_name = {layer.name: layer for layer in space.layers}
 
-    def step(name: str) -> tuple[float, tuple[int, int], float] | None:
-        choice = plan[name]
-        assert isinstance(choice, tuple)
-        g, r = choice
-        if r <= 1:
-            return None
-        new_r = max(1, min(r - 1, int(r * 0.9)))
-        saved = cost.saving(name, choice, (g, new_r))
-        if saved <= 0:
-            return None
-        err = spectra.error2(name, g)
-        return (float(err[new_r] - err[r]) / saved, (g, new_r), saved)
+    latency = cost.metric == "latency"
 
-    heap: list[tuple[float, str, tuple[int, int], float]] = []
+    def error2(name: str, choice: tuple[int, int] | str) -> float:
+        if isinstance(choice, str):  # dense: no approximation error
+            return 0.0
+        return float(spectra.error2(name, choice[0])[choice[1]])
+
+    def fastest(name: str) -> tuple[int, int] | str:
+        layer = by_name[name]
+        options: list[tuple[int, int] | str] = [
+            KEEP,
+            *((g, layer.rank_for(g, layer.rank.low)) for g in layer.groups),
+        ]
+        return min(options, key=lambda c: cost.layer(name, c))
+
+    def step(name: str) -> tuple[float, tuple[int, int] | str, float] | None:
+        choice = plan[name]
+        moves: list[tuple[int, int] | str] = []
+        if choice != KEEP:
+            assert isinstance(choice, tuple)
+            g, r = choice
+            if r > 1:
+                moves.append((g, max(1, min(r - 1, int(r * 0.9)))))
+        if latency and name in by_name:
+            moves.append(fastest(name))
+        best = None
+        for new in moves:
+            saved = cost.saving(name, choice, new)
+            if saved > 0:
+                priority = (error2(name, new) - error2(name, choice)) / saved
+                if best is None or priority < best[0]:
+                    best = (priority, new, saved)
+        return best
+
+    heap: list[tuple[float, str, int, tuple[int, int] | str, float, tuple[int, int] | str]] = []
+    pushed = 0  # breaks ties between entries of one layer
 
     def push(name: str) -> None:
+        nonlocal pushed
         s = step(name)
         if s is not None:
-            heapq.heappush(heap, (s[0], name, s[1], s[2]))
+            pushed += 1
+            heapq.heappush(heap, (s[0], name, pushed, s[1], s[2], plan[name]))
 
     for name, choice in plan.items():
-        if choice != KEEP and name in by_name:
+        if name in by_name and (choice != KEEP or latency):
             push(name)
     while total > limit:
         if not heap:
             kept = [n for n in by_name if plan.get(n, KEEP) == KEEP]
-            if not kept:
+            if latency or not kept:
                 break  # infeasible: the caller records the constraint violation
             name = max(kept, key=lambda n: cost.layer(n, KEEP))
             layer = by_name[name]
             g = layer.groups[len(layer.groups) // 2]
-            new = (g, layer.rank_for(g, layer.rank.low))
-            total -= cost.saving(name, KEEP, new)
-            plan[name] = new
+            pair = (g, layer.rank_for(g, layer.rank.low))
+            total -= cost.saving(name, KEEP, pair)
+            plan[name] = pair
             push(name)
             continue
-        _, name, new, saved = heapq.heappop(heap)
-        current = plan[name]
-        assert isinstance(current, tuple)
-        if new[0] != current[0] or new[1] >= current[1]:
-            continue  # stale entry
+        _, name, _, new, saved, was = heapq.heappop(heap)
+        if plan[name] != was:
+            continue  # stale entry: the layer has moved since
         plan[name] = new
         total -= saved
         push(name)

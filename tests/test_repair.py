@@ -59,3 +59,39 @@ def test_spectral_errors_are_monotone() -> None:
     e = spectra.error2("layer2.0.conv1", 4)
     assert e[0] == 1.0 and abs(e[-1]) < 1e-12
     assert all(a >= b for a, b in itertools.pairwise(e))
+
+
+def test_latency_repair_switches_layers_whose_pairs_are_slower_at_any_rank(
+    tmp_path,
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """A table (as read from disk) where every grouped pair is slower than the dense conv at any
+    rank and g = 1 is faster: lowering ranks cannot meet a budget under the original's latency;
+    switching layers to g = 1 (or dense) can."""
+    from fga_search.latency import LatencyModel, LatencyTable, Target
+    from helpers import wide_cnn
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = wide_cnn()
+    profile = ModelProfile(model, input_shape=(1, 8, 8))
+    space = load_space("default").resolve(profile.layers)
+    table = LatencyTable(Target.parse("cpu:1"))
+    for info in profile.layers:
+        hw = profile.in_hw[info.name]
+        table.entries[table.entry_key(info, hw, KEEP)] = 0.1
+        for g in info.valid_groups:
+            for r in range(1, info.exact_rank(g) + 1):
+                table.entries[table.entry_key(info, hw, (g, r))] = (0.05 if g == 1 else 0.2) + 1e-4 * r
+    lat = LatencyModel(model, profile, table, repeats=5)
+    assert table.measured == 0  # every layer time came from the table
+    cost = CostModel(profile, "latency", latency=lat)
+    searched = [layer for layer in space.layers if max(layer.groups) > 1]
+    assert len(searched) >= 2
+    slow = {layer.name: (max(layer.groups), layer.info.exact_rank(max(layer.groups))) for layer in searched}
+    assert cost.ratio(slow) > 1.0
+    rank_one = {name: (g, 1) for name, (g, _) in slow.items()}
+    assert cost.ratio(rank_one) > 1.0  # lowering ranks alone cannot get under the original
+    fixed = repair(slow, cost=cost, spectra=SpectralTable(model), space=space, budget=1.0)
+    assert cost.ratio(fixed) <= 1.0
+    switched = [name for name, choice in fixed.items() if choice == KEEP or choice[0] == 1]
+    assert switched  # at least one layer left its slow grouped pair
