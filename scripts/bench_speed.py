@@ -36,6 +36,7 @@ import os
 import shutil
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,6 +102,12 @@ def lut_accuracy(name: str, weights: str, target: Target, runs: int) -> None:
         )
 
 
+def rows(run_dir: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(os.path.join(run_dir, "trials.parquet")).to_pylist()  # type: ignore[no-any-return]
+
+
 def cpu(args: argparse.Namespace) -> None:
     torch.set_num_threads(2)
     target = Target.parse("cpu:2")
@@ -143,6 +150,16 @@ def cpu(args: argparse.Namespace) -> None:
             out = os.path.join(args.out, "r56-latency-reachable")
             shutil.rmtree(out, ignore_errors=True)
             result = run_search(RunConfig(out=out, **common, **{**extra, "budget": budget}))  # type: ignore[arg-type]
+        if result.best is None:  # every trial over the budget (as measured): nothing to export
+            ratios = sorted(
+                float(r["latency_ratio"]) for r in rows(out) if r.get("latency_ratio") is not None
+            )
+            print(
+                f"  the {label} search found no model within its budget in {result.finished} trials "
+                f"({(time.perf_counter() - start) / 60:.1f} min); measured latency ratios of its built models: "
+                + (f"{ratios[0]:.3f} to {ratios[-1]:.3f}" if ratios else "none")
+            )
+            continue
         ex = export(out, pick="best", out=os.path.join(out, "export"))
         runs[label] = (result, ex, time.perf_counter() - start)
     original = build_model("resnet56", num_classes=10, weights=checkpoint("resnet56_cifar10.pt"))
