@@ -47,13 +47,14 @@ def repair(
             return 0.0
         return float(spectra.error2(name, choice[0])[choice[1]])
 
-    def fastest(name: str) -> tuple[int, int] | str:
-        layer = by_name[name]
-        options: list[tuple[int, int] | str] = [
-            KEEP,
-            *((g, layer.rank_for(g, layer.rank.low)) for g in layer.groups),
-        ]
-        return min(options, key=lambda c: cost.layer(name, c))
+    fastest: dict[str, tuple[int, int] | str] = {}  # per layer, from the latency table, once
+
+    def fastest_choice(name: str) -> tuple[int, int] | str:
+        if name not in fastest:
+            assert cost.latency is not None
+            layer = by_name[name]
+            fastest[name] = cost.latency.fastest_choice(name, layer.groups, layer.lowest_ranks())
+        return fastest[name]
 
     def step(name: str) -> tuple[float, tuple[int, int] | str, float] | None:
         choice = plan[name]
@@ -64,7 +65,7 @@ def repair(
             if r > 1:
                 moves.append((g, max(1, min(r - 1, int(r * 0.9)))))
         if latency and name in by_name:
-            moves.append(fastest(name))
+            moves.append(fastest_choice(name))
         best = None
         for new in moves:
             saved = cost.saving(name, choice, new)

@@ -163,9 +163,7 @@ def calibrate_latency(latency: LatencyModel, model: nn.Module, space: ResolvedSp
     group count at its smallest rank), measured as a whole model side by side with the original;
     the table's estimates are calibrated on it (``LatencyModel.calibrate``). Returns the plan."""
     fastest: Plan = {
-        layer.name: latency.fastest_choice(
-            layer.name, layer.groups, {g: layer.rank_for(g, layer.rank.low) for g in layer.groups}
-        )
+        layer.name: latency.fastest_choice(layer.name, layer.groups, layer.lowest_ranks())
         for layer in space.layers
     }
     if any(choice != KEEP for choice in fastest.values()):

@@ -120,6 +120,10 @@ class LayerSpace:
         top = self.info.exact_rank(groups)
         return max(1, min(top, round(fraction * top)))
 
+    def lowest_ranks(self) -> dict[int, int]:
+        """Each group count's smallest rank in the layer's range (its cheapest, fastest pair)."""
+        return {g: self.rank_for(g, self.rank.low) for g in self.groups}
+
     def fraction_for(self, groups: int, rank: int) -> float:
         """A fraction in the layer's range that maps back to ``rank`` (or the nearest in range)."""
         top = self.info.exact_rank(groups)
