@@ -70,9 +70,9 @@ def pareto_front(run_dir: str) -> pd.DataFrame:
     """The Pareto front of a run folder as a DataFrame (one row per member, by FLOPs ratio)."""
     import os
 
-    import pandas as pd
+    from ._records import read_table
 
     path = os.path.join(run_dir, "pareto.parquet")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} has no pareto.parquet (is it an fga-search run folder?)")
-    return pd.read_parquet(path)
+    return read_table(path).to_pandas()

@@ -80,4 +80,10 @@ def write_parquet(table: pa.Table, path: str) -> None:
 
 
 def read_table(path: str) -> pa.Table:
-    return pq.read_table(path)
+    """Read a table another process may be replacing (``write_parquet``) at the same time.
+
+    ``pq.read_table(path)`` looks the file up more than once (its size, then its pages), so a
+    replace in between makes it read the new file at the old file's offsets ("Couldn't deserialize
+    thrift"). One open handle keeps reading the file it opened."""
+    with open(path, "rb") as f:
+        return pq.read_table(f)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from fga_search._records import read_table
 
 
 def cli_env(home: Path) -> dict[str, str]:
@@ -33,7 +33,7 @@ def run_cli(
 
 
 def rows(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    return read_table(str(path)).to_pylist()
 
 
 def digits_trial(trial: int, plan: dict | None, **fields: object) -> dict:
