@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -222,6 +222,13 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--device", help="cpu, cuda or cuda:N for re-running and fine-tuning (default: cuda if available)"
     )
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=50,
+        help="time the exported and the original model side by side on this CPU at batch 1, in PyTorch "
+        "and (with --format onnx) ONNX Runtime: medians of this many runs (>= 10; 0 skips; default 50)",
+    )
     return p
 
 
@@ -239,6 +246,27 @@ def _size(path: str) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
+def _print_export_latency(lat: dict[str, Any]) -> None:
+    runtimes = {"PyTorch": lat["pytorch"], "ONNX Runtime": lat.get("onnxruntime")}
+    cells = [
+        f"{name} {r['ratio']:.2f}x the original ({r['ms']:.3g} vs {r['original_ms']:.3g} ms)"
+        for name, r in runtimes.items()
+        if r
+    ]
+    if "onnxruntime" in lat and lat["onnxruntime"] is None:
+        cells.append("ONNX Runtime not measured (onnxruntime not installed)")
+    print(
+        f"latency on this CPU ({lat['device']}, batch 1, medians of {lat['runs']} runs side by side): "
+        + "; ".join(cells)
+    )
+    slower = [name for name, r in runtimes.items() if r and r["ratio"] > 1]
+    if slower:
+        print(
+            f"warning: the exported model is slower than the original in {' and '.join(slower)}: "
+            "FLOPs are not speed; search with --objective accuracy,latency --target cpu:N for this device"
+        )
+
+
 def _export(args: argparse.Namespace) -> int:
     from ._export import ExportVerificationError, export
 
@@ -251,6 +279,7 @@ def _export(args: argparse.Namespace) -> int:
             finetune_epochs=args.finetune_epochs,
             formats=formats,
             device=args.device,
+            latency_runs=args.latency_runs,
         )
     except ExportVerificationError as exc:
         print(f"fga-search: error: {exc}", file=sys.stderr)
@@ -281,6 +310,8 @@ def _export(args: argparse.Namespace) -> int:
         lat = spec["latency"]
         share = f" = {100 * lat['ratio']:.1f} % of the original's" if lat.get("ratio") is not None else ""
         print(f"latency:  {lat['ms']:.3g} ms{share} (measured during the search)")
+    if spec.get("latency_at_export"):
+        _print_export_latency(spec["latency_at_export"])
     params = spec["params"]
     print(
         f"params:   {params['count']:,} = {100 * params['ratio']:.1f} % of the original's {params['original']:,}"

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
+from ._runtime_latency import export_latency
 from ._runview import RunView, is_usable, read_run
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportResult", "ExportVerificationError", "export", "load_exported"]
@@ -396,6 +397,13 @@ def _move_into_place(staging: str, target: str) -> None:
         os.replace(staging, target)  # also over an empty folder
 
 
+def _cpu_threads(view: RunView) -> int | None:
+    """The thread count of the run's ``cpu:N`` latency target, if it had one."""
+    target = (view.record.get("config") or {}).get("target") or ""
+    kind, _, arg = str(target).partition(":")
+    return int(arg) if kind == "cpu" and arg.isdigit() else None
+
+
 def export(
     run_dir: str,
     *,
@@ -404,6 +412,7 @@ def export(
     finetune_epochs: float = 0.0,
     formats: Sequence[str] = (),
     device: str | None = None,
+    latency_runs: int = 50,
 ) -> ExportResult:
     """Export one model of a run folder to ``out``: ``model.pt``, ``spec.json`` and ``formats``.
 
@@ -414,6 +423,9 @@ def export(
     any of ``"torchscript"``, ``"onnx"``. Accuracies are measured on the final model, FLOPs with
     ``FlopCounterMode`` on the model loaded back from ``out``, and each format is checked against
     the PyTorch model (max abs difference <= 1e-4, else :class:`ExportVerificationError`).
+    ``latency_runs`` (>= 10; 0: skip) times the exported and the original model side by side on
+    this machine's CPU at batch 1, in eager PyTorch and, with ``"onnx"``, in ONNX Runtime
+    (``spec["latency_at_export"]``; the threads of the run's ``cpu:N`` target, else PyTorch's).
 
     Needs the run's inputs (weights, data). ``ValueError`` on bad input; nothing is written then.
     The export folder appears complete or not at all (an earlier export there is replaced).
@@ -424,6 +436,12 @@ def export(
 
     chosen = _check_pick(pick)
     kinds = _check_formats(formats)
+    if (
+        isinstance(latency_runs, bool)
+        or not isinstance(latency_runs, int)
+        or not (latency_runs == 0 or latency_runs >= 10)
+    ):
+        raise ValueError(f"latency_runs must be 0 (skip) or an integer >= 10, got {latency_runs!r}")
     if (
         isinstance(finetune_epochs, bool)
         or not isinstance(finetune_epochs, (int, float))
@@ -497,6 +515,17 @@ def export(
             else:
                 diff = _export_onnx(loaded, example, path, reference)
                 verification[kind] = None if diff is None else _check(kind, diff)
+        at_export = None
+        if latency_runs:
+            at_export = export_latency(
+                loaded,
+                setup.model,
+                input_shape=setup.data.input_shape,
+                threads=_cpu_threads(view),
+                runs=latency_runs,
+                onnx="onnx" in kinds,
+                scratch=staging,
+            )
         spec.update(
             accuracy={"val": val_acc, "test": test_acc, "val_held_out": finetuned is None},
             flops={
@@ -517,6 +546,7 @@ def export(
                     "measured": "during the search, on the trial's device",
                 }
             ),
+            latency_at_export=at_export,
             original={k: base.get(k) for k in ("val_acc", "test_acc", "macs", "params")},
             source={
                 "run_dir": view.path,

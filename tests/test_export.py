@@ -89,6 +89,14 @@ def test_export_best_round_trips_in_every_format(
     diffs = spec["verification"]["max_abs_diff"]
     assert diffs["model.pt"] == 0.0 and diffs["torchscript"] <= 1e-4 and 0 <= diffs["onnx"] <= 1e-4
     assert spec["files"]["model.pt"]["bytes"] == (out / "model.pt").stat().st_size
+    # both models timed side by side at export, in PyTorch and in ONNX Runtime
+    lat = spec["latency_at_export"]
+    assert lat["batch"] == 1 and lat["runs"] == 50 and lat["threads"] == torch.get_num_threads()
+    assert set(lat) >= {"pytorch", "onnxruntime", "device"} and "threads)" in lat["device"]
+    for runtime in ("pytorch", "onnxruntime"):
+        r = lat[runtime]
+        assert 0 < r["ms"] < 1000 and 0 < r["original_ms"] < 1000
+        assert r["ratio"] == pytest.approx(r["ms"] / r["original_ms"], rel=1e-12)
     # model.pt holds plain tensors only
     state = torch.load(out / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(type(v) is torch.Tensor for v in state.values())
@@ -171,9 +179,38 @@ def test_export_command_prints_a_summary(
     assert re.search(
         r"verified: model.pt max \|diff\| 0, onnx max \|diff\| [0-9.e-]+ \(tolerance 0.0001\)", text
     )
+    lat = spec["latency_at_export"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("latency on this CPU"))
+    assert f"({lat['device']}, batch 1, medians of 50 runs side by side)" in line
+    for name, key in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime")):
+        r = lat[key]
+        assert f"{name} {r['ratio']:.2f}x the original ({r['ms']:.3g} vs {r['original_ms']:.3g} ms)" in line
+    slower = [
+        name
+        for name, key in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime"))
+        if lat[key]["ratio"] > 1
+    ]
+    assert (
+        "warning: the exported model is slower than the original in " + " and ".join(slower) in text
+    ) == bool(slower)
     # exporting again to the same folder replaces the earlier export
-    code = main(["export", str(run_dir), "--pick", "knee", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "export",
+            str(run_dir),
+            "--pick",
+            "knee",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--latency-runs",
+            "0",
+        ]
+    )
     assert code == 0 and sorted(os.listdir(out)) == ["model.pt", "spec.json"]
+    assert json.loads((out / "spec.json").read_text())["latency_at_export"] is None
+    assert "latency on this CPU" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -254,6 +291,10 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (
             [str(run), "--out", str(out), "--finetune-epochs", "-1"],
             "finetune_epochs must be a number >= 0, got -1.0",
+        ),
+        (
+            [str(run), "--out", str(out), "--latency-runs", "5"],
+            "latency_runs must be 0 (skip) or an integer >= 10, got 5",
         ),
     ]
     for args, message in cases:

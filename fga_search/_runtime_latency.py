@@ -1,0 +1,117 @@
+"""Latency of an exported model vs the original, in each runtime a user ships it with.
+
+FLOPs are not speed, and neither is one runtime's speed another's: on 2 CPU cores at batch 1,
+ONNX Runtime runs the original ResNet-56 about 3x faster than eager PyTorch, and FGA pairs whose
+ranks are not multiples of its vector blocks about 3x slower than the original (see
+``docs/results.md``). The export measures both models, in the same process and side by side
+(round by round, so that the machine's drift hits both alike), in eager PyTorch and, when it
+writes ONNX and onnxruntime is installed, in ONNX Runtime with its default graph optimisations.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .latency import Target, measure_side_by_side
+
+__all__ = ["export_latency"]
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median ms of each function, run ``runs`` times round by round (10 per round)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    for _ in range(max(1, runs // 10)):
+        for name, fn in fns.items():
+            for _ in range(10):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _onnx_session(model: nn.Module, example: torch.Tensor, path: str, threads: int) -> Any:
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), path, dynamo=False, input_names=["input"], output_names=["logits"]
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _entry(ms: float, original_ms: float) -> dict[str, float]:
+    return {"ms": ms, "original_ms": original_ms, "ratio": ms / original_ms}
+
+
+def export_latency(
+    model: nn.Module,
+    original: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    threads: int | None = None,
+    runs: int = 50,
+    onnx: bool = False,
+    scratch: str | None = None,
+) -> dict[str, Any]:
+    """Batch-1 float32 CPU latency of ``model`` and ``original``, measured side by side: in eager
+    PyTorch, and in ONNX Runtime when ``onnx`` (and onnxruntime is installed; the ONNX files are
+    written to a temporary folder under ``scratch`` and removed). Medians of ``runs`` runs."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
+        raise ValueError(f"latency runs must be an integer >= 10, got {runs!r}")
+    target = Target("cpu", threads, 1, "float32", False)
+    threads = threads or torch.get_num_threads()
+    ms = measure_side_by_side(
+        {"model": model, "original": original},
+        input_shape=input_shape,
+        target=target,
+        rounds=runs // 10,
+        repeats=10,
+    )
+    out: dict[str, Any] = {
+        "device": target.hardware(),
+        "threads": threads,
+        "batch": 1,
+        "dtype": "float32",
+        "runs": runs,
+        "measured": "side by side in the exporting process, medians",
+        "pytorch": _entry(ms["model"], ms["original"]),
+    }
+    if onnx:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            out["onnxruntime"] = None
+            return out
+        example = torch.zeros(1, *input_shape)
+        with tempfile.TemporaryDirectory(prefix=".fga-latency-", dir=scratch) as tmp:
+            sessions = {
+                name: _onnx_session(
+                    copy.deepcopy(m).cpu().eval(), example, os.path.join(tmp, f"{name}.onnx"), threads
+                )
+                for name, m in (("model", model), ("original", original))
+            }
+            feed = {"input": example.numpy()}
+
+            def runner(name: str) -> Callable[[], object]:
+                return lambda: sessions[name].run(None, feed)
+
+            ort_ms = _interleaved({name: runner(name) for name in sessions}, runs)
+        out["onnxruntime"] = _entry(ort_ms["model"], ort_ms["original"])
+    return out
