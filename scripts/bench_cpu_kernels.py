@@ -5,8 +5,10 @@ one forward (batch 1, float32, --threads threads, inference mode) of: the dense 
 pair's grouped 3x3 conv (g groups, rank r chosen for ~18 % of the dense FLOPs), the same conv run
 as one dense conv with a block-diagonal weight (g times the FLOPs, the same result), and the 1x1
 conv. Then whole models: the original ResNet-56 and its error-allocation plan at FLOPs 0.2, with
-grouped and with block-diagonal execution. All timed side by side, round by round; medians, and
-ratios to the dense conv / the original model.
+grouped and with block-diagonal execution. Last, the original and uniform plans (g = 1, 2, 4, 8 at
+~18 % of the FLOPs) in eager PyTorch, frozen TorchScript and ONNX Runtime, each against the
+original in the same runtime. All timed side by side, round by round; medians, and ratios to the
+dense conv / the original model.
 
     python scripts/bench_cpu_kernels.py [--threads 2] [--runs 200]
 """
@@ -30,7 +32,7 @@ from fga_search._cost import CostModel
 from fga_search._fga import FGAConv2d
 from fga_search._space import load_space
 from fga_search._spectra import SpectralTable
-from fga_search._strategies import error_alloc_plan
+from fga_search._strategies import error_alloc_plan, uniform_plan
 from fga_search._surgery import apply_plan_structure
 
 
@@ -128,6 +130,48 @@ def main() -> None:
     print(f"ResNet-56, error-allocation plan at FLOPs {profile.ratio(plan):.3f}, batch 1:")
     for k, v in us.items():
         print(f"  {k}: {v / 1e3:.2f} ms ({v / us['original']:.2f}x the original)")
+    runtimes(model, profile, args.runs)
+
+
+def runtimes(model: nn.Module, profile: ModelProfile, runs: int) -> None:
+    """The original and uniform plans (every 3x3 conv but the stem, ~18 % of the FLOPs) in three
+    runtimes, each against the original in the same runtime: eager PyTorch, TorchScript frozen
+    (batch norms folded) and ONNX Runtime (default graph optimisations)."""
+    import tempfile
+    import warnings
+
+    import onnxruntime
+
+    skip = {"conv1"}
+    models = {"original": model}
+    for g in (1, 2, 4, 8):
+        plan = uniform_plan(profile, budget=0.18, groups=g, skip=skip)
+        models[f"g={g} (FLOPs {profile.ratio(plan):.3f})"] = apply_plan_structure(
+            copy.deepcopy(model), plan
+        ).eval()
+    x = torch.randn(1, 3, 32, 32)
+    engines: dict[str, dict[str, Callable[[], object]]] = {"eager PyTorch": {}, "TorchScript frozen": {}}
+    engines["ONNX Runtime"] = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (label, m) in enumerate(models.items()):
+            engines["eager PyTorch"][label] = partial(m, x)
+            frozen = torch.jit.freeze(torch.jit.trace(m, x))
+            engines["TorchScript frozen"][label] = partial(frozen, x)
+            path = f"{tmp}/{i}.onnx"
+            torch.onnx.export(m, (x,), path, dynamo=False, input_names=["x"])
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            engines["ONNX Runtime"][label] = partial(session.run, None, {"x": x.numpy()})
+        print(
+            "ResNet-56, uniform plans at ~18 % of the FLOPs, batch 1, each runtime against its own original:"
+        )
+        for engine, fns in engines.items():
+            us = side_by_side(fns, runs)
+            cells = ", ".join(f"{k} {v / us['original']:.2f}x" for k, v in us.items() if k != "original")
+            print(f"  {engine}: original {us['original'] / 1e3:.2f} ms; {cells}")
 
 
 if __name__ == "__main__":
