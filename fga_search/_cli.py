@@ -356,9 +356,21 @@ def _search(args: argparse.Namespace) -> int:
     for row in result.front:
         mark = " <- best within budget" if row.get("is_best") else (" <- knee" if row.get("is_knee") else "")
         test = f", test {row['test_acc']:.4f}" if row.get("test_acc") is not None else ""
+        if row.get("latency_ratio") is not None:
+            latency = f", latency {row['latency_ratio']:.3f}"
+        elif row.get("cpu_latency_ratio") is not None:
+            latency = f", CPU latency {row['cpu_latency_ratio']:.3f}"
+        else:
+            latency = ""
         print(
-            f"  trial {row['trial']:>4}: val {row['val_acc']:.4f}{test}, FLOPs {row['flops_ratio']:.3f}, "
-            f"params {row['params_ratio']:.3f}{mark}"
+            f"  trial {row['trial']:>4}: val {row['val_acc']:.4f}{test}, FLOPs {row['flops_ratio']:.3f}"
+            f"{latency}, params {row['params_ratio']:.3f}{mark}"
+        )
+    timed = os.path.join(result.run_dir, "front_latency.json")
+    if any(row.get("cpu_latency_ratio") is not None for row in result.front) and os.path.isfile(timed):
+        print(
+            "CPU latency: ratio to the original's, timed side by side on this CPU after the search (batch 1, "
+            "eager PyTorch; no --target was given, so the search optimised FLOPs; see front_latency.json)"
         )
     if result.best is not None:
         ckpt = os.path.join(result.run_dir, "models", f"trial_{result.best['trial']:05d}.pt")

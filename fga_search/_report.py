@@ -496,6 +496,11 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
     data = record.get("data", {})
     config = record.get("config", {})
     latency = _has_latency(view)
+    # without a latency target: the front's members timed on the CPU after the search
+    cpu_timing = view.folder.read_json("front_latency.json") or {}
+    cpu_latency = (
+        not latency and bool(cpu_timing) and any(not _missing(r.get("cpu_latency_ms")) for r in view.front)
+    )
     budget = float(config.get("budget", record.get("identity", {}).get("budget", 1.0)))
     metric = config.get("budget_metric", "flops")
     doc = _Doc([])
@@ -575,6 +580,8 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
     }
     if latency:
         base_cols["latency"] = [_ms(base.get("latency_ms"))]
+    if cpu_latency:
+        base_cols["CPU latency"] = [_ms(cpu_timing.get("original_ms"))]
     base_cols["params"] = [_count(base.get("params"))]
     doc.table(pd.DataFrame(base_cols), "baseline")
     doc.text("Per image; FLOPs = 2 × MACs (multiply-accumulates), as `torch.utils.flop_counter` counts them.")
@@ -601,6 +608,10 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
         ]
         if latency:
             items.append(("latency", f"{_ms(row.get('latency_ms'))} ({_pct(row.get('latency_ratio'))})"))
+        if cpu_latency:
+            items.append(
+                ("CPU latency", f"{_ms(row.get('cpu_latency_ms'))} ({_pct(row.get('cpu_latency_ratio'))})")
+            )
         items += [
             ("params", f"{_pct(row.get('params_ratio'))} ({_count(row.get('params'))})"),
             ("export", f"`fga-search export {run_arg} --pick {pick} --out exported`"),
@@ -667,6 +678,7 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
             "FLOPs",
             "MACs",
             *(["latency", "latency %"] if latency else []),
+            *(["CPU latency", "CPU latency %"] if cpu_latency else []),
             "params",
             "params #",
             "epochs",
@@ -685,6 +697,9 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
         if latency:
             members["latency"].append(_ms(row.get("latency_ms")))
             members["latency %"].append(_pct(row.get("latency_ratio")))
+        if cpu_latency:
+            members["CPU latency"].append(_ms(row.get("cpu_latency_ms")))
+            members["CPU latency %"].append(_pct(row.get("cpu_latency_ratio")))
         members["params"].append(_pct(row.get("params_ratio")))
         members["params #"].append(_count(row.get("params")))
         members["epochs"].append("—" if _missing(row.get("epochs")) else f"{float(row['epochs']):g}")
@@ -695,6 +710,15 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
     doc.text(
         "Accuracy deltas are in percentage points against the original model; FLOPs and params are "
         "percentages of the original's. `epochs`/`steps`: the trial's fine-tuning."
+        + (
+            f" CPU latency: no latency target was given, so the search optimised FLOPs; after it, each "
+            f"member and the original were timed side by side on {cpu_timing.get('device', '?')} "
+            f"(batch 1, float32, {cpu_timing.get('runtime', 'eager PyTorch')}, medians of "
+            f"{cpu_timing.get('runs', '?')} runs). FLOPs are not speed: search with `--objective "
+            "accuracy,latency --target cpu:N` (or `cuda`) to optimise the latency of the device you deploy on."
+            if cpu_latency
+            else ""
+        )
     )
 
     # Per-layer plans

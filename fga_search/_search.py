@@ -499,7 +499,46 @@ PARETO_SCHEMA = (
     TRIAL_SCHEMA.append(pa.field("test_acc", pa.float64()))
     .append(pa.field("is_knee", pa.bool_()))
     .append(pa.field("is_best", pa.bool_()))
+    # without a latency target: the member timed on this CPU after the search (front_latency.json)
+    .append(pa.field("cpu_latency_ms", pa.float64()))
+    .append(pa.field("cpu_latency_ratio", pa.float64()))
 )
+FRONT_LATENCY_RUNS = 30  # timed runs per model for the front's CPU latency (3 rounds of 10)
+
+
+def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[str, Any]]) -> None:
+    """Without a latency target, time each front member and the original on this CPU (batch 1,
+    float32, eager PyTorch), side by side, so that the report shows FLOPs and latency side by side
+    even for a FLOPs-only search. Latency does not depend on the weights: the plans' structures
+    are timed."""
+    if setup.latency is not None or not front:
+        return
+    from .latency import Target, measure_side_by_side
+
+    base = copy.deepcopy(setup.model).cpu().eval()
+    models = {"original": base}
+    for row in front:
+        models[str(row["trial"])] = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
+    target = Target("cpu", None, 1, "float32", False)
+    ms = measure_side_by_side(
+        models, input_shape=setup.data.input_shape, target=target, rounds=FRONT_LATENCY_RUNS // 10, repeats=10
+    )
+    for row in front:
+        row["cpu_latency_ms"] = ms[str(row["trial"])]
+        row["cpu_latency_ratio"] = ms[str(row["trial"])] / ms["original"]
+    folder.write_json(
+        "front_latency.json",
+        {
+            "device": target.hardware(),
+            "batch": 1,
+            "dtype": "float32",
+            "runtime": f"eager PyTorch {torch.__version__}",
+            "runs": FRONT_LATENCY_RUNS,
+            "original_ms": ms["original"],
+            "trials": {str(row["trial"]): ms[str(row["trial"])] for row in front},
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
 def finalize(
@@ -526,6 +565,7 @@ def finalize(
     for i, row in enumerate(front):
         row["is_knee"] = i == knee
         row["is_best"] = best is not None and row["trial"] == best["trial"]
+    _front_cpu_latency(setup, folder, front)
     write_parquet(rows_to_table(front, PARETO_SCHEMA), folder.pareto_parquet)
     refresh_report(folder.path)
     finished = sum(

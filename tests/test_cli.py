@@ -55,6 +55,24 @@ def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], h
     # progress lines: trials done/total, best so far within budget, ETA
     assert "[1/16] trial 0" in output and "best within budget" in output and "ETA" in output
     assert f"best model: trial {best['trial']}" in output
+    # no --target: the front and the original timed on the CPU after the search, side by side
+    timed = json.loads((run / "front_latency.json").read_text())
+    assert timed["batch"] == 1 and timed["runs"] == 30 and timed["original_ms"] > 0
+    assert sorted(timed["trials"]) == sorted(str(r["trial"]) for r in front)
+    for r in front:
+        assert r["latency_ms"] is None and r["cpu_latency_ms"] == timed["trials"][str(r["trial"])]
+        assert r["cpu_latency_ratio"] == pytest.approx(r["cpu_latency_ms"] / timed["original_ms"], rel=1e-12)
+        assert (
+            f"trial {r['trial']:>4}: val {r['val_acc']:.4f}, test {r['test_acc']:.4f}, FLOPs {r['flops_ratio']:.3f}, "
+            f"CPU latency {r['cpu_latency_ratio']:.3f}, params {r['params_ratio']:.3f}"
+        ) in output
+    report = (run / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| trial | pick |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[cols.index("MACs") + 1 : cols.index("MACs") + 3] == ["CPU latency", "CPU latency %"]
+    assert (
+        f"* CPU latency: {best['cpu_latency_ms']:.3g} ms ({100 * best['cpu_latency_ratio']:.1f} %)" in report
+    )
 
 
 @pytest.mark.slow
