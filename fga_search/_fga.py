@@ -14,9 +14,17 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FGAConv2d", "GroupSVD", "exact_rank", "group_svd"]
+__all__ = ["CPU_EXECUTIONS", "FGAConv2d", "GroupSVD", "exact_rank", "group_svd"]
+
+# How an FGA pair's grouped conv runs on CPU inputs: as a grouped conv, or as one dense conv whose
+# weight is block-diagonal (zeros between the groups; g times the FLOPs, the same output). At
+# batch 1 on 2 CPU cores PyTorch runs small grouped convs through oneDNN at 1.3-1.7x the time of
+# the dense conv they replace, and the block-diagonal dense conv at 0.7-1.0x of it
+# (scripts/bench_cpu_kernels.py); fga_search._cpu_execution picks per layer by measurement.
+CPU_EXECUTIONS = ("grouped", "block_diagonal")
 
 
 def _pair(value: int | tuple[int, ...] | str, name: str) -> tuple[int, int] | str:
@@ -171,6 +179,40 @@ class FGAConv2d(nn.Module):
         )
         # Set by fga_search.refine: the layer's relative output error before and after refinement.
         self.fit: object | None = None
+        self.cpu_execution = "grouped"
+        self._block_diagonal: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+
+    def set_cpu_execution(self, execution: str) -> None:
+        """Run the grouped conv on CPU inputs as a grouped conv (``"grouped"``, the default) or as
+        one dense conv with a block-diagonal weight (``"block_diagonal"``; inference only: while
+        gradients flow to the weights, and on other devices, the grouped conv runs). The weights
+        and the state_dict do not change."""
+        if execution not in CPU_EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(CPU_EXECUTIONS)}, got {execution!r}")
+        if execution == "block_diagonal" and (self.base_groups != 1 or self.padding_mode != "zeros"):
+            raise ValueError(
+                "block_diagonal execution needs base_groups=1 and padding_mode='zeros', got "
+                f"base_groups={self.base_groups}, padding_mode={self.padding_mode!r}"
+            )
+        self.cpu_execution = execution
+        self._block_diagonal = None
+
+    def block_diagonal_weight(self) -> torch.Tensor:
+        """The grouped conv's weight as a dense conv's (zeros between the groups), cached until
+        the weight changes."""
+        w = self.grouped.weight
+        # inference tensors (made under torch.inference_mode) keep no version counter
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype)
+        if self._block_diagonal is None or self._block_diagonal[0] != key:
+            groups = self.grouped.groups
+            per_out, per_in = w.shape[0] // groups, w.shape[1]
+            with torch.no_grad():
+                full = w.new_zeros(w.shape[0], per_in * groups, *w.shape[2:])
+                for i in range(groups):
+                    rows = slice(i * per_out, (i + 1) * per_out)
+                    full[rows, i * per_in : (i + 1) * per_in] = w[rows]
+            self._block_diagonal = (key, full)
+        return self._block_diagonal[1]
 
     @property
     def stride(self) -> tuple[int, ...]:
@@ -252,6 +294,14 @@ class FGAConv2d(nn.Module):
         self.pointwise.weight.copy_(second)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.cpu_execution == "block_diagonal"
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and self.grouped.weight.requires_grad)
+        ):
+            g = self.grouped
+            y = F.conv2d(x, self.block_diagonal_weight(), None, g.stride, g.padding, g.dilation)  # type: ignore[arg-type]
+            return self.pointwise(y)
         return self.pointwise(self.grouped(x))
 
     def to_dense(self) -> nn.Conv2d:

@@ -145,3 +145,44 @@ def test_to_dense_round_trip() -> None:
     layer = FGAConv2d.from_conv(conv, groups=3, rank=4)
     x = torch.randn(2, 12, 9, 9, dtype=torch.float64)
     torch.testing.assert_close(layer.to_dense()(x), layer(x))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.parametrize("g_index", [1, -1])
+def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: int) -> None:
+    conv = make_conv(geometry)
+    per_group = conv.in_channels // conv.groups
+    g = [d for d in range(1, per_group + 1) if per_group % d == 0][g_index]
+    rank = min(2, FGAConv2d.shaped_like(conv, groups=g, rank=1).exact_rank)
+    layer = FGAConv2d.from_conv(conv, groups=g, rank=rank)
+    x = torch.randn(2, conv.in_channels, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        with pytest.raises(
+            ValueError, match="block_diagonal execution needs base_groups=1 and padding_mode='zeros'"
+        ):
+            layer.set_cpu_execution("block_diagonal")
+        return
+    layer.set_cpu_execution("block_diagonal")
+    w = layer.block_diagonal_weight()
+    assert w.shape == (g * rank, conv.in_channels, *layer.kernel_size)
+    assert int((w != 0).sum()) == int((layer.grouped.weight != 0).sum())  # zeros between the groups
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert layer.state_dict().keys() == {
+        "grouped.weight",
+        "pointwise.weight",
+        *(["pointwise.bias"] if conv.bias is not None else []),
+    }
+    # the cached weight follows the layer's weights; with gradients on, the grouped conv runs
+    with torch.no_grad():
+        layer.grouped.weight.mul_(2)
+        torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
+    got = layer(x)
+    assert got.requires_grad and got.grad_fn is not None
+    got.sum().backward()
+    assert layer.grouped.weight.grad is not None
+    with pytest.raises(ValueError, match="execution must be one of grouped, block_diagonal, got 'dense'"):
+        layer.set_cpu_execution("dense")

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from fga_search import FGAConv2d, decompose
+from fga_search._cpu_execution import apply_cpu_execution, choose_cpu_execution
+
+PLAN = {"0": (1, 2), "2": (2, 3), "4": (4, 2)}  # "0" has g = 1: nothing to choose there
+
+
+def cnn(c: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c, 5),
+    ).eval()
+
+
+def executions(model: nn.Module) -> dict[str, str]:
+    return {n: m.cpu_execution for n, m in model.named_modules() if isinstance(m, FGAConv2d)}
+
+
+@pytest.mark.parametrize(("channels", "hw"), [(12, 16), (24, 8)])
+def test_choice_is_measured_and_keeps_the_outputs(channels: int, hw: int) -> None:
+    model = decompose(cnn(channels), PLAN)
+    x = torch.randn(2, 3, hw, hw)
+    with torch.no_grad():
+        before = model(x)
+    result = choose_cpu_execution(model, input_shape=(3, hw, hw), runs=10)
+    assert result["candidates"] == 2 and result["runs"] == 10
+    assert set(result["layers"]) <= {"2", "4"} and set(result["layers"].values()) <= {"block_diagonal"}
+    assert result["kept"] == bool(result["layers"])
+    if result["kept"]:
+        assert result["after_ms"] < result["before_ms"]
+    expected = {"0": "grouped", "2": "grouped", "4": "grouped", **result["layers"]}
+    assert executions(model) == expected
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def timer(ms: dict[str, float]) -> Any:
+    """Stands in for the clock: fixed medians per label, to test the decision, not the machine."""
+
+    def measure(models: dict[str, nn.Module], **_: object) -> dict[str, float]:
+        return {name: ms[name] for name in models}
+
+    return measure
+
+
+@pytest.mark.parametrize(("after", "kept"), [(0.9, True), (1.1, False)])
+def test_the_whole_model_decides(monkeypatch: pytest.MonkeyPatch, after: float, kept: bool) -> None:
+    ms = {"grouped": 2.0, "block_diagonal": 1.0, "before": 1.0, "after": after}
+    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    model = decompose(cnn(12), PLAN)
+    result = choose_cpu_execution(model, input_shape=(3, 16, 16))
+    assert result["kept"] is kept and result["before_ms"] == 1.0 and result["after_ms"] == after
+    chosen = {"2": "block_diagonal", "4": "block_diagonal"} if kept else {}
+    assert result["layers"] == chosen
+    assert executions(model) == {"0": "grouped", "2": "grouped", "4": "grouped", **chosen}
+
+
+def test_layers_slower_block_diagonal_are_not_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    ms = {"grouped": 1.0, "block_diagonal": 2.0}
+    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    model = decompose(cnn(12), PLAN)
+    result = choose_cpu_execution(model, input_shape=(3, 16, 16))
+    assert result == {"layers": {}, "candidates": 2, "kept": False, "runs": 50}
+    assert choose_cpu_execution(cnn(12), input_shape=(3, 16, 16))["candidates"] == 0  # no FGA layer
+
+
+def test_bad_input() -> None:
+    model = decompose(cnn(12), PLAN)
+    with pytest.raises(ValueError, match="runs must be an integer >= 10, got 5"):
+        choose_cpu_execution(model, input_shape=(3, 16, 16), runs=5)
+    with pytest.raises(ValueError, match="cpu_execution names '1', which is not an FGA layer of the model"):
+        apply_cpu_execution(model, {"1": "block_diagonal"})
+    with pytest.raises(ValueError, match="cpu_execution names 'nowhere', which is not an FGA layer"):
+        apply_cpu_execution(model, {"nowhere": "block_diagonal"})
+    with pytest.raises(ValueError, match="execution must be one of grouped, block_diagonal, got 'fast'"):
+        apply_cpu_execution(model, {"2": "fast"})
