@@ -510,15 +510,21 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     """Without a latency target, time each front member and the original on this CPU (batch 1,
     float32, eager PyTorch), side by side, so that the report shows FLOPs and latency side by side
     even for a FLOPs-only search. Latency does not depend on the weights: the plans' structures
-    are timed."""
+    are timed, each with the CPU execution its export would choose (``choose_cpu_execution``)."""
     if setup.latency is not None or not front:
         return
+    from ._cpu_execution import choose_cpu_execution
     from .latency import Target, measure_side_by_side
 
     base = copy.deepcopy(setup.model).cpu().eval()
     models = {"original": base}
+    block_diagonal: dict[str, int] = {}
     for row in front:
-        models[str(row["trial"])] = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
+        member = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
+        # as the export will run it on this CPU
+        chosen = choose_cpu_execution(member, input_shape=setup.data.input_shape, runs=FRONT_LATENCY_RUNS)
+        block_diagonal[str(row["trial"])] = len(chosen["layers"])
+        models[str(row["trial"])] = member
     target = Target("cpu", None, 1, "float32", False)
     ms = measure_side_by_side(
         models, input_shape=setup.data.input_shape, target=target, rounds=FRONT_LATENCY_RUNS // 10, repeats=10
@@ -536,6 +542,7 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
             "runs": FRONT_LATENCY_RUNS,
             "original_ms": ms["original"],
             "trials": {str(row["trial"]): ms[str(row["trial"])] for row in front},
+            "block_diagonal_layers": block_diagonal,  # grouped convs run block-diagonal (as exported)
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )

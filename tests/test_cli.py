@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fga_search._cli import main
+from fga_search._plan import load_plan
 from helpers import rows, run_cli
 
 QUICK = ["--trials", "12", "--epochs", "3", "--quiet"]
@@ -58,7 +59,14 @@ def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], h
     # no --target: the front and the original timed on the CPU after the search, side by side
     timed = json.loads((run / "front_latency.json").read_text())
     assert timed["batch"] == 1 and timed["runs"] == 30 and timed["original_ms"] > 0
-    assert sorted(timed["trials"]) == sorted(str(r["trial"]) for r in front)
+    assert (
+        sorted(timed["trials"])
+        == sorted(timed["block_diagonal_layers"])
+        == sorted(str(r["trial"]) for r in front)
+    )
+    for r in front:  # at most the member's grouped convs (g > 1) run block-diagonal, as its export would
+        grouped = sum(1 for c in load_plan(r["plan"]).values() if c != "keep" and c[0] > 1)  # type: ignore[index]
+        assert 0 <= timed["block_diagonal_layers"][str(r["trial"])] <= grouped
     for r in front:
         assert r["latency_ms"] is None and r["cpu_latency_ms"] == timed["trials"][str(r["trial"])]
         assert r["cpu_latency_ratio"] == pytest.approx(r["cpu_latency_ms"] / timed["original_ms"], rel=1e-12)
