@@ -25,10 +25,10 @@ from torch import nn
 
 from .latency import Target, measure_side_by_side
 
-__all__ = ["export_latency"]
+__all__ = ["export_latency", "interleaved"]
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
     """Median ms of each function, run ``runs`` times round by round (10 per round)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -113,6 +113,6 @@ def export_latency(
             def runner(name: str) -> Callable[[], object]:
                 return lambda: sessions[name].run(None, feed)
 
-            ort_ms = _interleaved({name: runner(name) for name in sessions}, runs)
+            ort_ms = interleaved({name: runner(name) for name in sessions}, runs)
         out["onnxruntime"] = _entry(ort_ms["model"], ort_ms["original"])
     return out

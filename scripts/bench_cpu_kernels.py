@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -30,6 +28,7 @@ from _bench_common import checkpoint
 from fga_search import ModelProfile, build_model
 from fga_search._cost import CostModel
 from fga_search._fga import FGAConv2d
+from fga_search._runtime_latency import interleaved
 from fga_search._space import load_space
 from fga_search._spectra import SpectralTable
 from fga_search._strategies import error_alloc_plan, uniform_plan
@@ -73,17 +72,8 @@ def block_diagonal_model(model: nn.Module) -> nn.Module:
 
 
 def side_by_side(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(10):
-            fn()
-    for _ in range(max(1, runs // 10)):
-        for name, fn in fns.items():
-            for _ in range(10):
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median µs of each function, run round by round (10 runs each per round)."""
+    return {k: v * 1e3 for k, v in interleaved(fns, runs).items()}
 
 
 @torch.inference_mode()
