@@ -25,12 +25,7 @@ __all__ = ["apply_cpu_execution", "choose_cpu_execution"]
 
 def _eligible(model: nn.Module) -> dict[str, FGAConv2d]:
     return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, FGAConv2d)
-        and m.grouped.groups > 1
-        and m.base_groups == 1
-        and m.padding_mode == "zeros"
+        name: m for name, m in model.named_modules() if isinstance(m, FGAConv2d) and m.can_run_block_diagonal
     }
 
 

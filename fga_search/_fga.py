@@ -182,6 +182,11 @@ class FGAConv2d(nn.Module):
         self.cpu_execution = "grouped"
         self._block_diagonal: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
 
+    @property
+    def can_run_block_diagonal(self) -> bool:
+        """Whether :meth:`set_cpu_execution` accepts ``"block_diagonal"`` and it changes anything."""
+        return self.groups > 1 and self.base_groups == 1 and self.padding_mode == "zeros"
+
     def set_cpu_execution(self, execution: str) -> None:
         """Run the grouped conv on CPU inputs as a grouped conv (``"grouped"``, the default) or as
         one dense conv with a block-diagonal weight (``"block_diagonal"``; inference only: while

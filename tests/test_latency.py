@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from fga_search import ModelProfile, decomposable_layers, search
+from fga_search import FGAConv2d, ModelProfile, decomposable_layers, search
 from fga_search.latency import MIN_CALIBRATION_CHANGE, LatencyModel, LatencyTable, Target, measure_latency
 from helpers import rows, run_cli, wide_cnn
 
@@ -54,7 +54,8 @@ def test_table_keys_share_geometry_and_persist(tmp_path: Path) -> None:
     table.measure(infos[0], (10, 10), (2, 4))  # another input size is another key
     table.measure(infos[2], (12, 12), (2, 4))  # another geometry
     assert table.measured == 4 and len(table.entries) == 4
-    assert any("c16-n32-k3x3-s2x2" in key and key.endswith("|g2-r4") for key in table.entries)
+    # on a CPU, a candidate's entry is the faster of its grouped and block-diagonal executions
+    assert any("c16-n32-k3x3-s2x2" in key and key.endswith("|g2-r4-fastest") for key in table.entries)
     again = LatencyTable(Target.parse("cpu:1"), path=path, repeats=3, warmup=1)
     assert again.entries == table.entries
     assert again.measure(infos[1], (12, 12), "keep") == a and again.measured == 0  # read, not measured
@@ -218,3 +219,28 @@ def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency
     assert set(ms) == {"a", "b"} and min(ms.values()) > 0
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         measure_side_by_side({"a": wide_cnn()}, input_shape=(1, 8, 8), target=Target.parse("cpu:1"), rounds=0)
+
+
+def test_a_model_is_timed_as_its_export_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fga_search import decompose
+    from fga_search.latency import block_diagonal_copy, measure_as_exported
+
+    model, _ = layers()
+    assert block_diagonal_copy(model) is None  # no FGA layer
+    fga = decompose(model, {"0": (2, 4), "1": (1, 3)})
+    fast = block_diagonal_copy(fga)
+    assert fast is not None
+    executions = {n: m.cpu_execution for n, m in fast.named_modules() if isinstance(m, FGAConv2d)}
+    assert executions == {"0": "block_diagonal", "1": "grouped"}  # g = 1 has nothing to change
+    assert all(m.cpu_execution == "grouped" for m in fga.modules() if isinstance(m, FGAConv2d))
+    timed: list[list[str]] = []
+
+    def side_by_side(models: dict[str, nn.Module], **_: object) -> dict[str, float]:
+        timed.append(list(models))
+        return {"grouped": 3.0, "block_diagonal": 2.0}
+
+    monkeypatch.setattr("fga_search.latency.measure_side_by_side", side_by_side)
+    assert measure_as_exported(fga, input_shape=(16, 12, 12), target=Target.parse("cpu:1")) == 2.0
+    assert timed == [["grouped", "block_diagonal"]]
+    plain = measure_as_exported(model, input_shape=(16, 12, 12), target=Target.parse("cpu:1"), repeats=3)
+    assert plain > 0 and len(timed) == 1  # measured alone: no FGA layer to run another way
