@@ -147,9 +147,11 @@ def cpu(args: argparse.Namespace) -> None:
         try:
             result = run_search(RunConfig(out=out, **common, **extra))  # type: ignore[arg-type]
         except LatencyBudgetError as exc:  # out of reach on this machine: say so, then search above it
-            budget = round(exc.floor + 0.05, 2)
+            budget = min(1.0, round(exc.floor + 0.05, 2))
             print(f"  latency budget {args.latency_budget}: refused: {exc}")
-            print(f"  searching at latency budget {budget} instead (the fastest plan's estimate + 0.05)")
+            print(
+                f"  searching at latency budget {budget} instead (the fastest plan's estimate + 0.05, at most 1)"
+            )
             label = f"latency@{budget}"
             out = os.path.join(args.out, "r56-latency-reachable")
             shutil.rmtree(out, ignore_errors=True)
