@@ -301,6 +301,7 @@ class FGAConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.cpu_execution == "block_diagonal"
+            and isinstance(x, torch.Tensor)  # not a torch.fx Proxy: symbolic traces get the grouped conv
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and self.grouped.weight.requires_grad)
         ):

@@ -186,3 +186,13 @@ def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: i
     assert layer.grouped.weight.grad is not None
     with pytest.raises(ValueError, match="execution must be one of grouped, block_diagonal, got 'dense'"):
         layer.set_cpu_execution("dense")
+
+
+def test_block_diagonal_layers_trace_symbolically() -> None:
+    conv = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+    layer = FGAConv2d.from_conv(conv, groups=4, rank=2)
+    layer.set_cpu_execution("block_diagonal")
+    traced = torch.fx.symbolic_trace(nn.Sequential(layer, nn.ReLU()))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), torch.relu(layer(x)), rtol=1e-5, atol=1e-6)
