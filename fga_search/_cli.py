@@ -378,8 +378,7 @@ def _search(args: argparse.Namespace) -> int:
             f"  trial {row['trial']:>4}: val {row['val_acc']:.4f}{test}, FLOPs {row['flops_ratio']:.3f}"
             f"{latency}, params {row['params_ratio']:.3f}{mark}"
         )
-    timed = os.path.join(result.run_dir, "front_latency.json")
-    if any(row.get("cpu_latency_ratio") is not None for row in result.front) and os.path.isfile(timed):
+    if any(row.get("cpu_latency_ratio") is not None for row in result.front):
         print(
             "CPU latency: ratio to the original's, timed side by side on this CPU after the search (batch 1, "
             "eager PyTorch; no --target was given, so the search optimised FLOPs; see front_latency.json)"

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._cpu_execution import choose_cpu_execution
+from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
+from ._fga import with_cpu_execution
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency
 from ._runview import RunView, is_usable, read_run
@@ -102,8 +103,6 @@ def _build(spec: dict[str, Any], weights: str) -> nn.Module:
         raise ValueError(f"weights {weights} do not fit the model described by spec.json: {first}") from None
     layers = (spec.get("cpu_execution") or {}).get("layers") or {}
     if layers:
-        from ._cpu_execution import apply_cpu_execution
-
         apply_cpu_execution(model, layers)
     return model.eval()
 
@@ -340,17 +339,6 @@ def _check(name: str, diff: float) -> float:
     return diff
 
 
-def _grouped(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose FGA layers all run their grouped convs as grouped convs."""
-    from ._fga import FGAConv2d
-
-    out = copy.deepcopy(model)
-    for module in out.modules():
-        if isinstance(module, FGAConv2d):
-            module.set_cpu_execution("grouped")
-    return out
-
-
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor) -> float:
     with warnings.catch_warnings(), torch.no_grad():  # no_grad: the CPU execution chosen at export
         warnings.simplefilter("ignore")
@@ -527,7 +515,7 @@ def export(
             _write_json(spec_path, spec)
             loaded = load_exported(staging)
         # the model's FLOPs: its FGA layers as grouped convs, however they run on a CPU
-        macs = measure_macs(_grouped(loaded), input_shape=setup.data.input_shape)
+        macs = measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=setup.data.input_shape)
         params = sum(p.numel() for p in loaded.parameters())
         if macs != cost.macs or params != cost.params:
             raise ExportVerificationError(
@@ -547,7 +535,7 @@ def export(
                 verification[kind] = _check(kind, _export_torchscript(loaded, example, path, reference))
             else:
                 # ONNX runtimes pick their own kernels: the grouped convs are exported as such
-                diff = _export_onnx(_grouped(loaded), example, path, reference)
+                diff = _export_onnx(with_cpu_execution(loaded, "grouped"), example, path, reference)
                 verification[kind] = None if diff is None else _check(kind, diff)
         at_export = None
         if latency_runs:

@@ -10,6 +10,7 @@ each of its G groups, into g equal groups of input channels. Each slice W_i, res
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CPU_EXECUTIONS", "FGAConv2d", "GroupSVD", "exact_rank", "group_svd"]
+__all__ = ["CPU_EXECUTIONS", "FGAConv2d", "GroupSVD", "exact_rank", "group_svd", "with_cpu_execution"]
 
 # How an FGA pair's grouped conv runs on CPU inputs: as a grouped conv, or as one dense conv whose
 # weight is block-diagonal (zeros between the groups; g times the FLOPs, the same output). At
@@ -342,3 +343,13 @@ class FGAConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"groups={self.groups}, rank={self.rank}, base_groups={self.base_groups}"
         )
+
+
+def with_cpu_execution(model: nn.Module, execution: str) -> nn.Module:
+    """A copy of ``model`` in which every FGA layer that can run ``execution`` on CPU inputs does
+    (``"grouped"``: all of them; ``"block_diagonal"``: those with ``can_run_block_diagonal``)."""
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if isinstance(m, FGAConv2d) and (execution == "grouped" or m.can_run_block_diagonal):
+            m.set_cpu_execution(execution)
+    return out

@@ -15,7 +15,7 @@ from fga_search import FGAConv2d, build_model, export, load_dataset, load_export
 from fga_search._cli import main
 from fga_search._cpu_execution import apply_cpu_execution
 from fga_search._evaluate import evaluate
-from fga_search._export import _grouped
+from fga_search._fga import with_cpu_execution
 from fga_search._flops import measure_macs
 from fga_search._loader import DeviceSplit, Normalization
 from fga_search._plan import load_plan
@@ -79,7 +79,7 @@ def test_export_best_round_trips_in_every_format(
     assert logits.shape == (64, 10)
     assert float((torch.from_numpy(logits) - reference).abs().max()) <= 1e-4
     # the numbers are measured on the loaded model and equal the trial's
-    macs = measure_macs(_grouped(loaded), input_shape=(1, 8, 8))
+    macs = measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=(1, 8, 8))
     assert macs == best["macs"] == result.macs
     with torch.no_grad():  # as it runs on a CPU: block-diagonal convs execute g times the MACs
         executed = measure_macs(loaded, input_shape=(1, 8, 8))

@@ -244,3 +244,26 @@ def test_a_model_is_timed_as_its_export_runs_it(monkeypatch: pytest.MonkeyPatch)
     assert timed == [["grouped", "block_diagonal"]]
     plain = measure_as_exported(model, input_shape=(16, 12, 12), target=Target.parse("cpu:1"), repeats=3)
     assert plain > 0 and len(timed) == 1  # measured alone: no FGA layer to run another way
+
+
+def test_side_by_side_as_exported_reports_each_model_at_its_faster_execution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fga_search import decompose
+    from fga_search.latency import measure_side_by_side_as_exported
+
+    model, _ = layers()
+    fga = decompose(model, {"0": (2, 4)})
+    seen: list[list[str]] = []
+
+    def side_by_side(models: dict[str, nn.Module], **_: object) -> dict[str, float]:
+        seen.append(list(models))
+        return {"o": 5.0, "p": 3.0, "p, block-diagonal": 2.0}
+
+    monkeypatch.setattr("fga_search.latency.measure_side_by_side", side_by_side)
+    cpu = Target.parse("cpu:1")
+    assert measure_side_by_side_as_exported({"o": model, "p": fga}, input_shape=(16, 12, 12), target=cpu) == {
+        "o": 5.0,
+        "p": 2.0,
+    }
+    assert seen == [["o", "p", "p, block-diagonal"]]  # the original has no FGA layer to run another way
