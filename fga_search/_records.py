@@ -84,6 +84,10 @@ def read_table(path: str) -> pa.Table:
 
     ``pq.read_table(path)`` looks the file up more than once (its size, then its pages), so a
     replace in between makes it read the new file at the old file's offsets ("Couldn't deserialize
-    thrift"). One open handle keeps reading the file it opened."""
+    thrift"). One open handle reads the file it opened, whole, into memory (trial tables are
+    small). ``ParquetFile.read`` rather than ``pq.read_table``: after the latter read an empty
+    table, pyarrow 26 aborted processes at exit ("terminate called without an active exception")
+    on a busy machine; seen often under load, not reproducible when idle."""
     with open(path, "rb") as f:
-        return pq.read_table(f)
+        data = f.read()
+    return pq.ParquetFile(pa.BufferReader(data)).read()
