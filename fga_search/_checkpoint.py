@@ -5,18 +5,39 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["WeightsError", "load_state_dict_file", "load_weights"]
+__all__ = ["WeightsError", "cpu_state_dict", "load_state_dict_file", "load_weights"]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "weights")
 
 
 class WeightsError(ValueError):
     """Weights that cannot be read or do not fit the model."""
+
+
+def cpu_state_dict(model: nn.Module, *, clone: bool = False) -> OrderedDict[str, torch.Tensor]:
+    """``model.state_dict()`` as detached CPU tensors (cloned and contiguous with ``clone``), with
+    its ``_metadata``: the per-module versions that some modules' loaders require (torchvision's
+    MNASNet refuses a state_dict without them)."""
+    state = model.state_dict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state.items():
+        value = value.detach().cpu()
+        out[key] = value.clone().contiguous() if clone else value
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
+def _strip_prefix(key: str) -> str:
+    return key[7:] if key.startswith("module.") else key
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -47,13 +68,21 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
                 break
     if not isinstance(obj, Mapping) or not obj:
         raise WeightsError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
-    out: dict[str, torch.Tensor] = {}
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise WeightsError(
                 f"weights file {path}: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
-        out[key[7:] if key.startswith("module.") else key] = value
+        out[_strip_prefix(key)] = value
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, Mapping):  # module versions, kept for the modules' own loaders
+        wrapped = "module" in metadata  # DataParallel's: "" is the wrapper, "module" the model
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if k == "module" else _strip_prefix(k), v)
+            for k, v in metadata.items()
+            if not (wrapped and k == "")
+        )
     return out
 
 
@@ -92,5 +121,11 @@ def load_weights(
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise WeightsError(f"weights for {what} have non-finite values (NaN or inf) in {key!r}")
+    if getattr(state, "_metadata", None) is None:
+        # a state_dict saved without module versions (a plain dict): take the model's own, as if
+        # it had been saved from this model (some modules' loaders refuse none)
+        own: Any = OrderedDict(state)
+        own._metadata = getattr(model.state_dict(), "_metadata", None)
+        state = own
     model.load_state_dict(state, strict=True)
     return model

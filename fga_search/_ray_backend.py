@@ -33,6 +33,7 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from ._checkpoint import cpu_state_dict
 from ._data import DataBundle, Split
 from ._loader import Normalization
 from ._plan import load_plan
@@ -154,7 +155,7 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
         "ended_at": time.time(),
     }
     with tempfile.TemporaryDirectory() as folder:
-        state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+        state = cpu_state_dict(outcome.model)
         torch.save(state, os.path.join(folder, "model.pt"))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 

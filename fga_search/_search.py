@@ -27,6 +27,7 @@ import torch
 from optuna.trial import TrialState
 
 from ._baseline_cache import BaselineCache, accuracy_key
+from ._checkpoint import cpu_state_dict
 from ._config import RunConfig
 from ._pareto import knee_index, pareto_mask
 from ._plan import Plan, load_plan
@@ -346,7 +347,7 @@ class _OptunaSearch:
         if model is not None and number in front:
             path = self.folder.checkpoint(number)
             tmp = f"{path}.tmp"
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            torch.save(cpu_state_dict(model), tmp)
             os.replace(tmp, path)
         for name in os.listdir(self.folder.models_dir):
             if name.startswith("trial_") and name.endswith(".pt") and int(name[6:11]) not in front:
