@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ._loader import DeviceSplit
 
-__all__ = ["autocast", "evaluate", "predict_logits"]
+__all__ = ["autocast", "evaluate", "main_logits", "predict_logits"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
@@ -17,6 +18,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def main_logits(out: object) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or the main logits of a structured
+    output (``.logits`` of torchvision's GoogLeNet / Inception training outputs, a ``"logits"``
+    key, or the first element of a tuple, as with auxiliary heads)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    inner = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(inner, torch.Tensor):
+        return inner
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(
+        f"the model returned a {type(out).__name__}; expected a tensor of logits, or an output "
+        "with a 'logits' tensor, or a tuple whose first element is the logits"
+    )
 
 
 @torch.no_grad()
@@ -35,7 +53,7 @@ def predict_logits(
     try:
         for batch in data.batches(batch_size, limit=limit):
             with autocast(data.device, amp_dtype):
-                outs.append(model(batch.x).float())
+                outs.append(main_logits(model(batch.x)).float())
     finally:
         model.train(was)
     return torch.cat(outs)

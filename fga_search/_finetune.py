@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._evaluate import autocast
+from ._evaluate import autocast, main_logits
 from ._loader import Augment, Batch, DeviceSplit
 
 __all__ = ["FinetuneConfig", "FinetuneStats", "TeacherCache", "amp_dtype_for", "finetune"]
@@ -97,7 +97,7 @@ class TeacherCache:
             size = min(len(batch.index), 1 << (len(rows) - 1).bit_length())
             rows = torch.cat([rows, rows[:1].expand(size - len(rows))])
             with autocast(self.data.device, self.amp_dtype):
-                out = self.teacher(batch.x[rows]).float()
+                out = main_logits(self.teacher(batch.x[rows])).float()
             self.logits[side[rows], batch.index[rows]] = out
             self.known[side[rows], batch.index[rows]] = True
             self.computed += len(rows)
@@ -173,14 +173,14 @@ def finetune(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with autocast(device, amp):
-                logits = forward(batch.x).float()
+                logits = main_logits(forward(batch.x)).float()
             loss = F.cross_entropy(logits, batch.y, label_smoothing=config.label_smoothing)
             if teacher is not None and config.kd_alpha > 0:
                 if isinstance(teacher, TeacherCache):
                     target = teacher(batch)
                 else:
                     with torch.no_grad(), autocast(device, amp):
-                        target = teacher(batch.x).float()
+                        target = main_logits(teacher(batch.x)).float()
                 kd = F.kl_div(
                     F.log_softmax(logits / t, 1),
                     F.log_softmax(target / t, 1),

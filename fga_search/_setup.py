@@ -6,6 +6,7 @@ model + weights + data -> space -> profile (FLOPs) -> spectra (for repair) -> pr
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import sys
@@ -18,6 +19,7 @@ from torch import nn
 from ._config import RunConfig
 from ._cost import CostModel
 from ._data import DataBundle, load_dataset
+from ._evaluate import main_logits
 from ._finetune import FinetuneConfig
 from ._flops import ModelProfile
 from ._loader import Normalization
@@ -192,6 +194,44 @@ def check_latency_budget(budget: float, latency: LatencyModel, fastest: Plan, ta
         )
 
 
+def check_cost_budget(budget: float, cost: CostModel, space: ResolvedSpace, model_name: str) -> None:
+    """Refuse a FLOPs or params budget that no plan of the space can meet: with every searched
+    layer at its cheapest option the model still costs more (most of its cost is elsewhere)."""
+    cheapest: Plan = {}
+    for layer in space.layers:
+        options: list[tuple[int, int] | str] = [KEEP, *layer.lowest_ranks().items()]
+        costs = [cost.layer(layer.name, choice) for choice in options]
+        cheapest[layer.name] = options[costs.index(min(costs))]
+    floor = cost.ratio(cheapest)
+    if floor > budget:
+        what = "FLOPs" if cost.metric == "flops" else "parameters"
+        searched = sum(cost.layer(layer.name, KEEP) for layer in space.layers) / cost.base
+        raise ValueError(
+            f"--budget {budget:g} of the {what} is out of reach for model {model_name!r}: with every "
+            f"searched layer at its cheapest option it keeps {floor:.3f} of the original's {what} "
+            f"(the {len(space.layers)} searched convs hold {searched:.0%} of them; the rest is in "
+            f"layers FGA does not decompose, such as linear layers and depthwise convs); "
+            f"use --budget {math.ceil(floor * 1000) / 1000:g} or more"
+        )
+
+
+def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: str) -> None:
+    """Refuse a model that cannot take a training step on the data's images (fine-tuning needs
+    one): e.g. Inception v3's auxiliary head on images under about 150 pixels."""
+    probe = copy.deepcopy(model).train()
+    try:
+        out = main_logits(probe(torch.randn(2, *input_shape)))
+        if out.ndim != 2:
+            raise ValueError(f"its output has shape {tuple(out.shape)}, not (batch, classes)")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = "x".join(str(d) for d in input_shape)
+        raise ValueError(
+            f"model {model_name!r} fails in training mode on {size} images (fine-tuning needs it): "
+            f"{first}; use a larger --image-size, or --epochs 0"
+        ) from None
+
+
 def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
     """Load and check the model, weights, data and space. Raises ``ValueError`` on bad input and
     writes nothing (except the caches of decoded datasets and the quickstart model)."""
@@ -228,6 +268,8 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
             f"model {spec.name!r} expects {len(spec.normalization.mean)}-channel images, "
             f"dataset {config.dataset!r} has {data.input_shape[0]}"
         )
+    if config.epochs > 0:
+        check_trainable(model, tuple(data.input_shape), spec.name)
     normalization = spec.normalization or Normalization(*data.channel_stats())
     profile = ModelProfile(model, input_shape=data.input_shape)
     chosen = config.space or spec.space
@@ -250,6 +292,9 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
             )
         if config.budget_metric == "latency":
             check_latency_budget(config.budget, latency, fastest, target)
+    cost = CostModel(profile, config.budget_metric, latency=latency)
+    if config.budget_metric != "latency":
+        check_cost_budget(config.budget, cost, space, spec.name)
     settings = TrialSettings(
         finetune=FinetuneConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, compile=config.compile
@@ -275,7 +320,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
         spectra=SpectralTable(model),
         device=device,
         settings=settings,
-        cost=CostModel(profile, config.budget_metric, latency=latency),
+        cost=cost,
         latency=latency,
         pinned=tuple(pinned),
     )

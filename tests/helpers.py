@@ -114,3 +114,70 @@ def wide_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
         nn.Flatten(),
         nn.Linear(128, num_classes),
     )
+
+
+def linear_heavy_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
+    """A digits model whose FLOPs are almost all in linear layers: no FLOPs budget far under 1 fits."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def aux_head_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
+    """A digits model that, like torchvision's GoogLeNet, returns a namedtuple with auxiliary
+    logits in training mode (and the logits alone in eval mode)."""
+    from collections import namedtuple
+
+    from torch import nn
+
+    outputs = namedtuple("Outputs", ["logits", "aux_logits"])
+
+    class AuxHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            )  # fmt: skip
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+            self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, num_classes))
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            h = self.features(x)
+            logits = self.head(h)
+            return outputs(logits, self.aux(h)) if self.training else logits
+
+    return AuxHead()
+
+
+def odd_pool_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
+    """A digits model that ONNX's TorchScript-based exporter refuses: adaptive pooling from 8x8 to
+    3x3 (an output size that does not divide the input's)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(3),
+        nn.Flatten(),
+        nn.Linear(144, num_classes),
+    )
+
+
+def small_aux_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
+    """Like ``aux_head_cnn``, but its auxiliary head, run in training mode only, needs images of
+    at least 9x9 (as Inception v3's needs about 150x150): 8x8 digits fail only when training."""
+    from torch import nn
+
+    model = aux_head_cnn(num_classes)
+    model.aux = nn.Sequential(nn.Conv2d(16, 4, 9), nn.Flatten(), nn.Linear(4, num_classes))
+    return model

@@ -227,7 +227,8 @@ def test_existing_run_folder_with_other_settings(
     (tmp_path / "graynets.py").write_text(
         "from torch import nn\n"
         "def tiny(num_classes=10):\n"
-        "    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(128, num_classes))\n"
+        # (budget 0.2 within its reach: most of its FLOPs are in the convs)
+        "    return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(512, num_classes))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     snapshot = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
@@ -252,3 +253,61 @@ def test_subprocess_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr == "fga-search: error: --budget must be in (0, 1], got 2.0\n"
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "run")
+
+
+def test_budget_below_what_decomposition_can_reach(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # linear_heavy_cnn: one 1->8 3x3 conv (4,608 MACs) and 133,632 MACs of linear layers
+    out = tmp_path / "run"
+    args = ["--model", "helpers:linear_heavy_cnn", "--trials", "2", "--epochs", "0", "--quiet"]
+    code, err = run_main([*args, "--budget", "0.5", "--out", str(out)], capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "fga-search: error: --budget 0.5 of the FLOPs is out of reach for model 'helpers:linear_heavy_cnn': "
+        "with every searched layer at its cheapest option it keeps 0.9"
+    ), err
+    assert "(the 1 searched convs hold 3% of them;" in last and "Traceback" not in err
+    assert not out.exists()
+    floor = float(last.split("it keeps ")[1].split(" ")[0])
+    assert 0.966 <= floor < 1.0  # at least the linear layers' 133,632 of 138,240 MACs
+    suggested = last.split("use --budget ")[1].split(" ")[0]
+    assert floor <= float(suggested) <= floor + 0.001
+    code, err = run_main([*args, "--budget", suggested, "--out", str(out)], capsys)
+    assert code == 0, err
+    trials = rows(out / "trials.parquet")
+    assert trials[0]["status"] == "ok" and {r["status"] for r in trials} <= {"ok", "duplicate"}
+    assert all(r["within_budget"] and r["flops_ratio"] >= floor - 0.0005 for r in trials)  # floor: 3 digits
+
+
+def test_models_with_auxiliary_outputs_fine_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a namedtuple of (logits, aux_logits) in training mode, as torchvision's GoogLeNet returns
+    out = tmp_path / "run"
+    args = ["--model", "helpers:aux_head_cnn", "--trials", "3", "--epochs", "0.5", "--budget", "0.5"]
+    code, err = run_main([*args, "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    trials = rows(out / "trials.parquet")
+    assert len(trials) == 3 and {r["status"] for r in trials} <= {"ok", "duplicate"}, [
+        r["fail_reason"] for r in trials
+    ]
+    done = [r for r in trials if r["status"] == "ok"]
+    assert done and all(r["finetune_steps"] > 0 and 0 <= r["val_acc"] <= 1 for r in done)
+
+
+def test_model_that_fails_in_training_mode_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = ["--model", "helpers:small_aux_cnn", "--trials", "2", "--budget", "0.5", "--out", str(out)]
+    code, err = run_main([*args, "--epochs", "0.5"], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "fga-search: error: model 'helpers:small_aux_cnn' fails in training mode on 1x8x8 images "
+        "(fine-tuning needs it): Calculated padded input size per channel: (8 x 8). Kernel size: (9 x 9). "
+        "Kernel size can't be greater than actual input size; use a larger --image-size, or --epochs 0"
+    )
+    assert not out.exists()
+    code, err = run_main([*args, "--epochs", "0", "--quiet"], capsys)  # no training: it runs
+    assert code == 0, err
+    assert "ok" in {r["status"] for r in rows(out / "trials.parquet")} <= {"ok", "duplicate"}
