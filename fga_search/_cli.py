@@ -332,7 +332,11 @@ def _export(args: argparse.Namespace) -> int:
         f"{name} {'not checked (onnxruntime not installed)' if diff is None else f'max |diff| {diff:.2g}'}"
         for name, diff in result.verification.items()
     )
-    print(f"verified: {checks} (tolerance {spec['verification']['tolerance']:g})")
+    check = spec["verification"]
+    print(
+        f"verified: {checks} (tolerance {check['tolerance']:.2g} = 1e-4 x max(1, max |output| "
+        f"{check['max_abs_output']:.3g}))"
+    )
     return 0
 
 

@@ -192,8 +192,11 @@ def test_export_command_prints_a_summary(
     )
     diffs = spec["verification"]["max_abs_diff"]
     model_pt = "0" if diffs["model.pt"] == 0 else f"{diffs['model.pt']:.2g}"
+    check = spec["verification"]
+    assert check["tolerance"] == pytest.approx(1e-4 * max(1.0, check["max_abs_output"]))
     assert (
-        f"verified: model.pt max |diff| {model_pt}, onnx max |diff| {diffs['onnx']:.2g} (tolerance 0.0001)"
+        f"verified: model.pt max |diff| {model_pt}, onnx max |diff| {diffs['onnx']:.2g} "
+        f"(tolerance {check['tolerance']:.2g} = 1e-4 x max(1, max |output| {check['max_abs_output']:.3g}))"
         in text
     )
     cpu = spec["cpu_execution"]
@@ -397,3 +400,50 @@ def test_load_exported_rebuilds_from_spec_and_state_dict(tmp_path: Path) -> None
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="do not fit the model described by spec.json"):
         load_exported(tmp_path)
+
+
+def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # odd_pool_cnn pools 8x8 to 3x3, which the TorchScript-based ONNX exporter refuses (it also
+    # prints its whole graph to file descriptor 1 on failure: muted)
+    run = tmp_path / "run"
+    args = ["--model", "helpers:odd_pool_cnn", "--trials", "2", "--epochs", "0", "--budget", "0.5"]
+    code = main([*args, "--out", str(run), "--quiet"])
+    assert code == 0, capfd.readouterr().err
+    capfd.readouterr()
+    out = tmp_path / "export"
+    code = main(
+        ["export", str(run), "--out", str(out), "--format", "torchscript,onnx", "--latency-runs", "0"]
+    )
+    captured = capfd.readouterr()
+    assert code == 2
+    assert captured.err == (
+        "fga-search: error: cannot export the model to ONNX: Unsupported: ONNX export of operator "
+        "adaptive_avg_pool2d, output size that are not factor of input size; export without onnx "
+        "(model.pt and TorchScript do not need it)\n"
+    )
+    assert "graph(" not in captured.out and "Traceback" not in captured.err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["run"]  # no staging folder left
+    code = main(["export", str(run), "--out", str(out), "--format", "torchscript", "--latency-runs", "0"])
+    assert code == 0, capfd.readouterr().err
+    assert sorted(os.listdir(out)) == ["model.pt", "model.torchscript.pt", "spec.json"]
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(load_exported(out)(x), torch.jit.load(str(out / "model.torchscript.pt"))(x))
+
+
+@pytest.mark.parametrize(
+    ("diff", "scale", "ok"),
+    [(5e-5, 0.5, True), (2e-4, 0.5, False), (0.05, 3100.0, True), (0.4, 3100.0, False)],
+)
+def test_verification_tolerance_scales_with_the_outputs(diff: float, scale: float, ok: bool) -> None:
+    from fga_search._export import TOLERANCE, ExportVerificationError, _check
+
+    limit = TOLERANCE * max(1.0, scale)  # as export() sets it: untrained nets' logits reach 1e3
+    if ok:
+        assert _check("model.pt", diff, limit) == diff
+    else:
+        with pytest.raises(
+            ExportVerificationError, match=rf"model.pt differs from the PyTorch model by {diff:.3g}"
+        ):
+            _check("model.pt", diff, limit)
