@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._errors import first_line
+
 __all__ = ["WeightsError", "cpu_state_dict", "load_state_dict_file", "load_weights"]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "weights")
@@ -52,7 +54,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise WeightsError(
             f"cannot read weights file {path} (corrupt, or not a weights-only checkpoint): {first}"
         ) from None

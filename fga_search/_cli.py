@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from ._errors import first_line
+
 __all__ = ["main"]
 
 
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fga-search: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         print(f"fga-search: error: {message}", file=sys.stderr)
         return 2
 

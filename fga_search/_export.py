@@ -31,6 +31,7 @@ from torch import nn
 
 from ._checkpoint import cpu_state_dict
 from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
+from ._errors import first_line
 from ._fga import with_cpu_execution
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency
@@ -319,7 +320,7 @@ def _trained_model(
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ValueError(f"cannot load {path}: {first}") from None
         model = model.to(runner.device).eval()
         if runner.channels_last:
@@ -355,11 +356,14 @@ def _muted() -> Iterator[None]:
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
     try:
-        with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()):
-            with contextlib.redirect_stderr(io.StringIO()):
-                os.dup2(sink.fileno(), 1)
-                os.dup2(sink.fileno(), 2)
-                yield
+        with (
+            tempfile.TemporaryFile() as sink,
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
     finally:
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
@@ -376,7 +380,7 @@ def _exporting(fmt: str, hint: str) -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         first = first.split(" Please feel free to request support")[0].rstrip(" .")
         raise ExportFormatError(f"cannot export the model to {fmt}: {first[:400]}; {hint}") from None
 

@@ -35,6 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ._checkpoint import cpu_state_dict
 from ._data import DataBundle, Split
+from ._errors import first_line
 from ._loader import Normalization
 from ._plan import load_plan
 from ._progress import Progress
@@ -190,7 +191,7 @@ def _init_ray(setup: SearchSetup) -> None:
         else:
             ray.init(address=c.ray_address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ValueError(
             f"cannot reach the Ray cluster at {c.ray_address or 'a local instance'}: {first}"
         ) from None

@@ -19,6 +19,7 @@ from torch import nn
 from ._config import RunConfig
 from ._cost import CostModel
 from ._data import DataBundle, load_dataset
+from ._errors import first_line
 from ._evaluate import main_logits
 from ._finetune import FinetuneConfig
 from ._flops import ModelProfile
@@ -224,7 +225,7 @@ def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: 
         if out.ndim != 2:
             raise ValueError(f"its output has shape {tuple(out.shape)}, not (batch, classes)")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         size = "x".join(str(d) for d in input_shape)
         raise ValueError(
             f"model {model_name!r} fails in training mode on {size} images (fine-tuning needs it): "
