@@ -315,14 +315,22 @@ def _export(args: argparse.Namespace) -> int:
     cpu = spec.get("cpu_execution")
     if cpu and cpu.get("candidates"):
         if cpu.get("kept"):
+            ways = list(cpu["layers"].values())
+            runs = " and ".join(
+                f"{ways.count(way)} {what}"
+                for way, what in (
+                    ("block_diagonal", "run their grouped conv as a block-diagonal dense conv"),
+                    ("dense", "run folded into one dense conv"),
+                )
+                if way in ways
+            )
             print(
-                f"CPU:      {len(cpu['layers'])} of {cpu['candidates']} grouped convs run as block-diagonal dense convs "
-                f"on CPU inputs (the model: {cpu['after_ms'] / cpu['before_ms']:.2f}x the time of all-grouped, "
-                "measured side by side)"
+                f"CPU:      of the {cpu['candidates']} FGA layers, {runs} on CPU inputs (the model: "
+                f"{cpu['after_ms'] / cpu['before_ms']:.2f}x the time of all-grouped, measured side by side)"
             )
         else:
             print(
-                f"CPU:      the {cpu['candidates']} grouped convs stay grouped (block-diagonal was not faster here)"
+                f"CPU:      the {cpu['candidates']} FGA layers stay grouped (no other execution was faster here)"
             )
     if spec.get("latency_at_export"):
         _print_export_latency(spec["latency_at_export"])

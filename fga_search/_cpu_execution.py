@@ -1,11 +1,14 @@
-"""Pick, by measurement, how each FGA layer's grouped conv runs on this CPU.
+"""Pick, by measurement, how each FGA layer runs on this CPU.
 
 ``FGAConv2d.set_cpu_execution("block_diagonal")`` runs a grouped conv as one dense conv with a
 block-diagonal weight: g times the FLOPs, the same output, and on small inputs often faster,
 because PyTorch sends small dense convs to its own im2col + GEMM path and grouped ones to
-oneDNN (``scripts/bench_cpu_kernels.py``). Each eligible layer is timed both ways, alone, side by
-side; the faster is kept; then the whole model is timed before and after, side by side, and the
-change is kept only if the whole model is faster.
+oneDNN (``scripts/bench_cpu_kernels.py``). ``"dense"`` folds the whole pair into one dense conv
+with the original layer's geometry: the same function at the original's FLOPs, for layers where
+two small convs cost more than one (per-call overhead dominates small layers at batch 1). Each
+eligible layer is timed every way it can run, alone, side by side; the fastest is kept; then the
+whole model is timed before and after, side by side, and the change is kept only if the whole
+model is faster: the per-layer picks, or every pair dense, whichever is faster as a whole.
 """
 
 from __future__ import annotations
@@ -17,15 +20,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._fga import FGAConv2d
+from ._fga import CPU_EXECUTIONS, FGAConv2d
 from .latency import Target, measure_side_by_side
 
 __all__ = ["apply_cpu_execution", "choose_cpu_execution"]
 
 
-def _eligible(model: nn.Module) -> dict[str, FGAConv2d]:
+def _executions(layer: FGAConv2d, allowed: Sequence[str]) -> list[str]:
+    """The ways ``layer`` can run on CPU inputs among ``allowed``, grouped first."""
+    can = {"grouped": True, "block_diagonal": layer.can_run_block_diagonal, "dense": layer.can_run_dense}
+    return ["grouped", *(way for way in CPU_EXECUTIONS[1:] if way in allowed and can[way])]
+
+
+def _eligible(model: nn.Module, allowed: Sequence[str]) -> dict[str, FGAConv2d]:
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, FGAConv2d) and m.can_run_block_diagonal
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, FGAConv2d) and len(_executions(m, allowed)) > 1
     }
 
 
@@ -61,18 +72,27 @@ def _layer_inputs(
 
 
 def choose_cpu_execution(
-    model: nn.Module, *, input_shape: Sequence[int], threads: int | None = None, runs: int = 50
+    model: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    threads: int | None = None,
+    runs: int = 50,
+    executions: Sequence[str] = CPU_EXECUTIONS,
 ) -> dict[str, Any]:
-    """Time each eligible FGA layer of ``model`` (on the CPU, batch 1, float32) grouped and
-    block-diagonal, set the faster, and keep the change only if the whole model, timed before and
-    after side by side, is faster. Modifies ``model``; returns what was chosen and measured:
-    ``layers`` (name -> ``"block_diagonal"``, the layers changed; empty if none was kept),
-    ``before_ms``, ``after_ms`` and ``kept``."""
+    """Time each eligible FGA layer of ``model`` (on the CPU, batch 1, float32) every way it can
+    run (grouped, block-diagonal, dense) and pick the fastest; then time the whole model as it was,
+    with those picks, and with every pair dense, side by side, and keep the fastest of the last two
+    only if it beats the first. Modifies ``model``; returns what was chosen and measured:
+    ``layers`` (name -> ``"block_diagonal"`` or ``"dense"``, the layers changed; empty if none was
+    kept), ``before_ms``, ``after_ms`` (the kept option, or the faster one), ``per_layer_ms``,
+    ``all_dense_ms`` and ``kept``. ``executions`` limits the ways tried (``"grouped"`` is always one)."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
+    if isinstance(executions, str) or any(way not in CPU_EXECUTIONS for way in executions):
+        raise ValueError(f"executions must be a sequence of {', '.join(CPU_EXECUTIONS)}, got {executions!r}")
     model = model.eval()
     target = Target("cpu", threads, 1, "float32", False)
-    eligible = _eligible(model)
+    eligible = _eligible(model, executions)
     result: dict[str, Any] = {"layers": {}, "candidates": len(eligible), "kept": False, "runs": runs}
     if not eligible:
         return result
@@ -82,22 +102,36 @@ def choose_cpu_execution(
     for name, layer in eligible.items():
         if name not in shapes:  # not reached by the forward pass
             continue
-        fast = copy.deepcopy(layer)
-        fast.set_cpu_execution("block_diagonal")
-        ms = measure_side_by_side(
-            {"grouped": layer, "block_diagonal": fast}, input_shape=shapes[name], target=target, rounds=rounds
-        )
-        if ms["block_diagonal"] < ms["grouped"]:
-            chosen[name] = "block_diagonal"
-    if not chosen:
+        ways: dict[str, nn.Module] = {"grouped": layer}
+        for execution in _executions(layer, executions)[1:]:
+            way = copy.deepcopy(layer)
+            way.set_cpu_execution(execution)
+            ways[execution] = way
+        ms = measure_side_by_side(ways, input_shape=shapes[name], target=target, rounds=rounds)
+        fastest = min(ms, key=ms.__getitem__)
+        if fastest != "grouped":
+            chosen[name] = fastest
+    # Layers cost more inside the model than alone, so the whole model decides, side by side:
+    # the per-layer picks, and every pair folded dense (about the original's time), if allowed.
+    options: dict[str, dict[str, str]] = {"after": chosen} if chosen else {}
+    dense = {name: "dense" for name, layer in eligible.items() if layer.can_run_dense and name in shapes}
+    if "dense" in executions and dense:
+        options["all dense"] = dense
+    if not options:
         return result
-    after = copy.deepcopy(model)
-    apply_cpu_execution(after, chosen)
-    ms = measure_side_by_side(
-        {"before": model, "after": after}, input_shape=input_shape, target=target, rounds=rounds
+    timed: dict[str, nn.Module] = {"before": model}
+    for label, layers in options.items():
+        timed[label] = copy.deepcopy(model)
+        apply_cpu_execution(timed[label], layers)
+    ms = measure_side_by_side(timed, input_shape=input_shape, target=target, rounds=rounds)
+    best = min(options, key=ms.__getitem__)
+    result.update(
+        before_ms=ms["before"],
+        after_ms=ms[best],
+        per_layer_ms=ms.get("after"),
+        all_dense_ms=ms.get("all dense"),
     )
-    result.update(before_ms=ms["before"], after_ms=ms["after"])
-    if ms["after"] < ms["before"]:
-        apply_cpu_execution(model, chosen)
-        result.update(layers=chosen, kept=True)
+    if ms[best] < ms["before"]:
+        apply_cpu_execution(model, options[best])
+        result.update(layers=options[best], kept=True)
     return result

@@ -117,8 +117,9 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
 
     The base architecture is built by name (zoo, torchvision or ``pkg.module:factory``), its
     planned convs are replaced by FGA layers, and ``model.pt`` is loaded with ``weights_only=True``.
-    The FGA layers that the export measured faster as block-diagonal dense convs on the CPU run so
-    on CPU inputs without gradients (``spec["cpu_execution"]``). Returns the module in eval mode,
+    The FGA layers that the export measured faster on the CPU another way (the grouped conv as a
+    block-diagonal dense conv, or the pair folded into one dense conv) run so on CPU inputs without
+    gradients (``spec["cpu_execution"]``). Returns the module in eval mode,
     on the CPU.
     """
     folder = os.fspath(path)
@@ -552,7 +553,7 @@ def export(
             cpu_execution = choose_cpu_execution(
                 loaded, input_shape=setup.data.input_shape, threads=_cpu_threads(view), runs=latency_runs
             )
-            if cpu_execution["kept"]:  # block-diagonal convs spend more FLOPs to take less time
+            if cpu_execution["kept"]:  # block-diagonal and dense convs spend more FLOPs to take less time
                 with torch.no_grad():
                     executed = measure_macs(loaded, input_shape=setup.data.input_shape)
                 cpu_execution["executed_macs"] = executed

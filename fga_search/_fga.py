@@ -24,8 +24,17 @@ __all__ = ["CPU_EXECUTIONS", "FGAConv2d", "GroupSVD", "exact_rank", "group_svd",
 # weight is block-diagonal (zeros between the groups; g times the FLOPs, the same output). At
 # batch 1 on 2 CPU cores PyTorch runs small grouped convs through oneDNN at 1.3-1.7x the time of
 # the dense conv they replace, and the block-diagonal dense conv at 0.7-1.0x of it
-# (scripts/bench_cpu_kernels.py); fga_search._cpu_execution picks per layer by measurement.
-CPU_EXECUTIONS = ("grouped", "block_diagonal")
+# (scripts/bench_cpu_kernels.py), or the whole pair folded back into one dense conv with the
+# original layer's geometry (the original's FLOPs and, about, its time: for layers where the pair
+# is slower than a dense conv); fga_search._cpu_execution picks per layer by measurement.
+CPU_EXECUTIONS = ("grouped", "block_diagonal", "dense")
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    """What identifies a weight's current values: its storage, its in-place version counter (-1
+    for inference tensors, which keep none: made under ``torch.inference_mode``, they cannot
+    change outside it) and its dtype (``.to()`` and ``.double()`` swap ``.data``)."""
+    return (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype)
 
 
 def _pair(value: int | tuple[int, ...] | str, name: str) -> tuple[int, int] | str:
@@ -181,18 +190,26 @@ class FGAConv2d(nn.Module):
         # Set by fga_search.refine: the layer's relative output error before and after refinement.
         self.fit: object | None = None
         self.cpu_execution = "grouped"
-        self._block_diagonal: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+        self._block_diagonal: tuple[object, torch.Tensor] | None = None  # (stamp, weight)
+        self._dense: tuple[object, torch.Tensor] | None = None
 
     @property
     def can_run_block_diagonal(self) -> bool:
         """Whether :meth:`set_cpu_execution` accepts ``"block_diagonal"`` and it changes anything."""
         return self.groups > 1 and self.base_groups == 1 and self.padding_mode == "zeros"
 
+    @property
+    def can_run_dense(self) -> bool:
+        """Whether :meth:`set_cpu_execution` accepts ``"dense"``."""
+        return self.padding_mode == "zeros"
+
     def set_cpu_execution(self, execution: str) -> None:
-        """Run the grouped conv on CPU inputs as a grouped conv (``"grouped"``, the default) or as
-        one dense conv with a block-diagonal weight (``"block_diagonal"``; inference only: while
-        gradients flow to the weights, and on other devices, the grouped conv runs). The weights
-        and the state_dict do not change."""
+        """How the pair runs on CPU inputs: a grouped conv then the 1x1 conv (``"grouped"``, the
+        default); the grouped conv as one dense conv with a block-diagonal weight, then the 1x1
+        conv (``"block_diagonal"``); or the pair folded into one dense conv with the original
+        layer's geometry (``"dense"``: the same function, the original's FLOPs). The last two are
+        for inference only: while gradients flow to the weights, and on other devices, the pair
+        runs grouped. The weights and the state_dict do not change."""
         if execution not in CPU_EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(CPU_EXECUTIONS)}, got {execution!r}")
         if execution == "block_diagonal" and (self.base_groups != 1 or self.padding_mode != "zeros"):
@@ -200,25 +217,62 @@ class FGAConv2d(nn.Module):
                 "block_diagonal execution needs base_groups=1 and padding_mode='zeros', got "
                 f"base_groups={self.base_groups}, padding_mode={self.padding_mode!r}"
             )
+        if execution == "dense" and self.padding_mode != "zeros":
+            raise ValueError(
+                f"dense execution needs padding_mode='zeros', got padding_mode={self.padding_mode!r}"
+            )
         self.cpu_execution = execution
         self._block_diagonal = None
+        self._dense = None
+        # build the cached weight now, not inside the first forward (where a FLOP counter would
+        # count the fold); it is rebuilt if the weights change
+        if execution == "block_diagonal":
+            self.block_diagonal_weight()
+        elif execution == "dense":
+            self.dense_weight()
 
     def block_diagonal_weight(self) -> torch.Tensor:
         """The grouped conv's weight as a dense conv's (zeros between the groups), cached until
-        the weight changes."""
-        w = self.grouped.weight
-        # inference tensors (made under torch.inference_mode) keep no version counter
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype)
-        if self._block_diagonal is None or self._block_diagonal[0] != key:
-            groups = self.grouped.groups
-            per_out, per_in = w.shape[0] // groups, w.shape[1]
-            with torch.no_grad():
-                full = w.new_zeros(w.shape[0], per_in * groups, *w.shape[2:])
-                for i in range(groups):
-                    rows = slice(i * per_out, (i + 1) * per_out)
-                    full[rows, i * per_in : (i + 1) * per_in] = w[rows]
-            self._block_diagonal = (key, full)
-        return self._block_diagonal[1]
+        the weight changes (checked on every call: it is on the forward path)."""
+        w = self._modules["grouped"]._parameters["weight"]  # type: ignore[union-attr]
+        assert w is not None
+        stamp = _stamp(w)
+        cache = self._block_diagonal
+        if cache is not None and cache[0] == stamp:
+            return cache[1]
+        groups = self.grouped.groups
+        per_out, per_in = w.shape[0] // groups, w.shape[1]
+        with torch.no_grad():
+            full = w.new_zeros(w.shape[0], per_in * groups, *w.shape[2:])
+            for i in range(groups):
+                rows = slice(i * per_out, (i + 1) * per_out)
+                full[rows, i * per_in : (i + 1) * per_in] = w[rows]
+        self._block_diagonal = (stamp, full)
+        return full
+
+    def dense_weight(self) -> torch.Tensor:
+        """The pair's weight as one dense conv's (``base_groups`` groups), cached until either
+        weight changes (checked on every call: it is on the forward path)."""
+        modules = self._modules  # direct lookups: this runs once per forward of a dense layer
+        gw = modules["grouped"]._parameters["weight"]  # type: ignore[union-attr]
+        pw = modules["pointwise"]._parameters["weight"]  # type: ignore[union-attr]
+        assert gw is not None and pw is not None
+        stamp = (_stamp(gw), _stamp(pw))
+        cache = self._dense
+        if cache is not None and cache[0] == stamp:
+            return cache[1]
+        with torch.no_grad():
+            weight = self._folded_weight()
+        self._dense = (stamp, weight)
+        return weight
+
+    def _folded_weight(self) -> torch.Tensor:
+        big_g, g, r = self.base_groups, self.groups, self.rank
+        kh, kw = self.kernel_size
+        a = self.pointwise.weight.reshape(big_g, self.out_channels // big_g, g, r)  # (G, n/G, g, r)
+        b = self.grouped.weight.reshape(big_g, g, r, -1)  # (G, g, r, c/(Gg) k k)
+        w = torch.einsum("jnir,jirk->jnik", a, b)  # (G, n/G, g, c/(Gg) k k)
+        return w.reshape(self.out_channels, self.in_channels // big_g, kh, kw)
 
     @property
     def stride(self) -> tuple[int, ...]:
@@ -301,20 +355,26 @@ class FGAConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            self.cpu_execution == "block_diagonal"
+            self.cpu_execution != "grouped"
             and isinstance(x, torch.Tensor)  # not a torch.fx Proxy: symbolic traces get the grouped conv
             and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and self.grouped.weight.requires_grad)
+            and not (
+                torch.is_grad_enabled()
+                and (self.grouped.weight.requires_grad or self.pointwise.weight.requires_grad)
+            )
         ):
             g = self.grouped
+            if self.cpu_execution == "dense":
+                weight = self.dense_weight()
+                bias = self._modules["pointwise"]._parameters["bias"]  # type: ignore[union-attr]
+                return F.conv2d(x, weight, bias, g.stride, g.padding, g.dilation, self.base_groups)  # type: ignore[arg-type]
             y = F.conv2d(x, self.block_diagonal_weight(), None, g.stride, g.padding, g.dilation)  # type: ignore[arg-type]
             return self.pointwise(y)
         return self.pointwise(self.grouped(x))
 
     def to_dense(self) -> nn.Conv2d:
         """Fold the pair back into one dense conv with the original geometry (exact up to rounding)."""
-        big_g, g, r = self.base_groups, self.groups, self.rank
-        kh, kw = self.kernel_size
+        big_g = self.base_groups
         conv = nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -329,10 +389,7 @@ class FGAConv2d(nn.Module):
             dtype=self.grouped.weight.dtype,
         )
         with torch.no_grad():
-            a = self.pointwise.weight.reshape(big_g, self.out_channels // big_g, g, r)  # (G, n/G, g, r)
-            b = self.grouped.weight.reshape(big_g, g, r, -1)  # (G, g, r, c/(Gg) k k)
-            w = torch.einsum("jnir,jirk->jnik", a, b)  # (G, n/G, g, c/(Gg) k k)
-            conv.weight.copy_(w.reshape(self.out_channels, self.in_channels // big_g, kh, kw))
+            conv.weight.copy_(self._folded_weight())
             if self.pointwise.bias is not None:
                 assert conv.bias is not None
                 conv.bias.copy_(self.pointwise.bias)
@@ -347,9 +404,16 @@ class FGAConv2d(nn.Module):
 
 def with_cpu_execution(model: nn.Module, execution: str) -> nn.Module:
     """A copy of ``model`` in which every FGA layer that can run ``execution`` on CPU inputs does
-    (``"grouped"``: all of them; ``"block_diagonal"``: those with ``can_run_block_diagonal``)."""
+    (``"grouped"``: all of them; ``"block_diagonal"``: those with ``can_run_block_diagonal``;
+    ``"dense"``: those with ``can_run_dense``)."""
+    if execution not in CPU_EXECUTIONS:
+        raise ValueError(f"execution must be one of {', '.join(CPU_EXECUTIONS)}, got {execution!r}")
     out = copy.deepcopy(model)
     for m in out.modules():
-        if isinstance(m, FGAConv2d) and (execution == "grouped" or m.can_run_block_diagonal):
+        if isinstance(m, FGAConv2d) and (
+            execution == "grouped"
+            or (execution == "block_diagonal" and m.can_run_block_diagonal)
+            or (execution == "dense" and m.can_run_dense)
+        ):
             m.set_cpu_execution(execution)
     return out

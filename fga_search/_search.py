@@ -520,11 +520,14 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     base = copy.deepcopy(setup.model).cpu().eval()
     models = {"original": base}
     block_diagonal: dict[str, int] = {}
+    dense: dict[str, int] = {}
     for row in front:
         member = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
         # as the export will run it on this CPU
         chosen = choose_cpu_execution(member, input_shape=setup.data.input_shape, runs=FRONT_LATENCY_RUNS)
-        block_diagonal[str(row["trial"])] = len(chosen["layers"])
+        ways = list(chosen["layers"].values())
+        block_diagonal[str(row["trial"])] = ways.count("block_diagonal")
+        dense[str(row["trial"])] = ways.count("dense")
         models[str(row["trial"])] = member
     target = Target("cpu", None, 1, "float32", False)
     ms = measure_side_by_side(
@@ -544,6 +547,7 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
             "original_ms": ms["original"],
             "trials": {str(row["trial"]): ms[str(row["trial"])] for row in front},
             "block_diagonal_layers": block_diagonal,  # grouped convs run block-diagonal (as exported)
+            "dense_layers": dense,  # pairs folded into one dense conv (as exported)
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )

@@ -7,8 +7,10 @@ as one dense conv with a block-diagonal weight (g times the FLOPs, the same resu
 conv. Then whole models: the original ResNet-56 and its error-allocation plan at FLOPs 0.2, with
 grouped and with block-diagonal execution. Last, the original and uniform plans (g = 1, 2, 4, 8 at
 ~18 % of the FLOPs) in eager PyTorch, frozen TorchScript and ONNX Runtime, each against the
-original in the same runtime. All timed side by side, round by round; medians, and ratios to the
-dense conv / the original model.
+original in the same runtime. Last, the export's per-layer choice of execution
+(``fga_search._cpu_execution``) on the error-allocation plan and the uniform plans: with
+block-diagonal execution only, and with folding pairs into one dense conv as well. All timed side
+by side, round by round; medians, and ratios to the dense conv / the original model.
 
     python scripts/bench_cpu_kernels.py [--threads 2] [--runs 200]
 """
@@ -121,6 +123,7 @@ def main() -> None:
     for k, v in us.items():
         print(f"  {k}: {v / 1e3:.2f} ms ({v / us['original']:.2f}x the original)")
     runtimes(model, profile, args.runs)
+    export_choice(model, profile, plan, args.runs)
 
 
 def runtimes(model: nn.Module, profile: ModelProfile, runs: int) -> None:
@@ -162,6 +165,40 @@ def runtimes(model: nn.Module, profile: ModelProfile, runs: int) -> None:
             us = side_by_side(fns, runs)
             cells = ", ".join(f"{k} {v / us['original']:.2f}x" for k, v in us.items() if k != "original")
             print(f"  {engine}: original {us['original'] / 1e3:.2f} ms; {cells}")
+
+
+def export_choice(model: nn.Module, profile: ModelProfile, alloc: dict, runs: int) -> None:
+    """Each plan as the export runs it: every FGA layer timed each way it can run, the fastest
+    kept (then the whole model must be faster), with and without the dense (folded) execution."""
+    from fga_search._cpu_execution import choose_cpu_execution
+
+    plans = {f"error-alloc (FLOPs {profile.ratio(alloc):.3f})": alloc}
+    for g in (1, 2, 4, 8):
+        plan = uniform_plan(profile, budget=0.18, groups=g, skip={"conv1"})
+        plans[f"uniform g={g} (FLOPs {profile.ratio(plan):.3f})"] = plan
+    x = torch.randn(1, 3, 32, 32)
+    print("ResNet-56 plans as the export runs them (ratios to the original, side by side):")
+    for label, plan in plans.items():
+        grouped = apply_plan_structure(copy.deepcopy(model), plan).eval()
+        models: dict[str, nn.Module] = {"original": model, "grouped": grouped}
+        chosen = {}
+        for key, ways in (("+block-diagonal", ("block_diagonal",)), ("+block-diagonal+dense", None)):
+            m = copy.deepcopy(grouped)
+            kwargs = {} if ways is None else {"executions": ("grouped", *ways)}
+            chosen[key] = choose_cpu_execution(m, input_shape=(3, 32, 32), runs=runs, **kwargs)
+            models[key] = m
+        with torch.no_grad():
+            ref = grouped(x)
+            for key in chosen:
+                torch.testing.assert_close(models[key](x), ref, rtol=1e-3, atol=1e-3)
+        us = side_by_side({k: partial(m, x) for k, m in models.items()}, runs)
+        counts = "; ".join(
+            f"{key}: "
+            + ", ".join(f"{list(c['layers'].values()).count(w)} {w}" for w in ("block_diagonal", "dense"))
+            for key, c in chosen.items()
+        )
+        cells = ", ".join(f"{k} {v / us['original']:.2f}x" for k, v in us.items() if k != "original")
+        print(f"  {label}: original {us['original'] / 1e3:.2f} ms; {cells} ({counts})")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,15 @@ def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], h
     assert (
         sorted(timed["trials"])
         == sorted(timed["block_diagonal_layers"])
+        == sorted(timed["dense_layers"])
         == sorted(str(r["trial"]) for r in front)
     )
-    for r in front:  # at most the member's grouped convs (g > 1) run block-diagonal, as its export would
-        grouped = sum(1 for c in load_plan(r["plan"]).values() if c != "keep" and c[0] > 1)  # type: ignore[index]
-        assert 0 <= timed["block_diagonal_layers"][str(r["trial"])] <= grouped
+    for r in front:  # as its export would: only grouped convs (g > 1) run block-diagonal, any pair dense
+        pairs = [c for c in load_plan(r["plan"]).values() if c != "keep"]
+        grouped = sum(1 for c in pairs if c[0] > 1)  # type: ignore[index]
+        block_diagonal = timed["block_diagonal_layers"][str(r["trial"])]
+        assert 0 <= block_diagonal <= grouped
+        assert 0 <= timed["dense_layers"][str(r["trial"])] <= len(pairs) - block_diagonal
     for r in front:
         assert r["latency_ms"] is None and r["cpu_latency_ms"] == timed["trials"][str(r["trial"])]
         assert r["cpu_latency_ratio"] == pytest.approx(r["cpu_latency_ms"] / timed["original_ms"], rel=1e-12)

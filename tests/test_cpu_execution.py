@@ -9,7 +9,7 @@ from torch import nn
 from fga_search import FGAConv2d, decompose
 from fga_search._cpu_execution import apply_cpu_execution, choose_cpu_execution
 
-PLAN = {"0": (1, 2), "2": (2, 3), "4": (4, 2)}  # "0" has g = 1: nothing to choose there
+PLAN = {"0": (1, 2), "2": (2, 3), "4": (4, 2)}  # "0" has g = 1: grouped or dense, no block-diagonal
 
 
 def cnn(c: int) -> nn.Module:
@@ -37,8 +37,10 @@ def test_choice_is_measured_and_keeps_the_outputs(channels: int, hw: int) -> Non
     with torch.no_grad():
         before = model(x)
     result = choose_cpu_execution(model, input_shape=(3, hw, hw), runs=10)
-    assert result["candidates"] == 2 and result["runs"] == 10
-    assert set(result["layers"]) <= {"2", "4"} and set(result["layers"].values()) <= {"block_diagonal"}
+    assert result["candidates"] == 3 and result["runs"] == 10
+    assert set(result["layers"]) <= {"0", "2", "4"}
+    assert set(result["layers"].values()) <= {"block_diagonal", "dense"}
+    assert result["layers"].get("0", "dense") == "dense"
     assert result["kept"] == bool(result["layers"])
     if result["kept"]:
         assert result["after_ms"] < result["before_ms"]
@@ -57,25 +59,70 @@ def timer(ms: dict[str, float]) -> Any:
     return measure
 
 
-@pytest.mark.parametrize(("after", "kept"), [(0.9, True), (1.1, False)])
-def test_the_whole_model_decides(monkeypatch: pytest.MonkeyPatch, after: float, kept: bool) -> None:
-    ms = {"grouped": 2.0, "block_diagonal": 1.0, "before": 1.0, "after": after}
+PER_LAYER = {"0": "dense", "2": "block_diagonal", "4": "block_diagonal"}
+ALL_DENSE = {"0": "dense", "2": "dense", "4": "dense"}
+
+
+@pytest.mark.parametrize(
+    ("after", "all_dense", "kept"),
+    [(0.9, 0.95, PER_LAYER), (0.95, 0.9, ALL_DENSE), (1.1, 1.2, {}), (1.0, 1.0, {})],
+)
+def test_the_whole_model_decides(
+    monkeypatch: pytest.MonkeyPatch, after: float, all_dense: float, kept: dict[str, str]
+) -> None:
+    # per layer: block-diagonal fastest where it can run ("2", "4"), else dense ("0": g = 1)
+    ms = {"grouped": 2.0, "block_diagonal": 1.0, "dense": 1.5, "before": 1.0, "after": after}
+    ms["all dense"] = all_dense
     monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16))
-    assert result["kept"] is kept and result["before_ms"] == 1.0 and result["after_ms"] == after
-    chosen = {"2": "block_diagonal", "4": "block_diagonal"} if kept else {}
-    assert result["layers"] == chosen
-    assert executions(model) == {"0": "grouped", "2": "grouped", "4": "grouped", **chosen}
+    assert result["kept"] is bool(kept) and result["layers"] == kept
+    assert result["before_ms"] == 1.0 and result["after_ms"] == min(after, all_dense)
+    assert result["per_layer_ms"] == after and result["all_dense_ms"] == all_dense
+    assert executions(model) == {"0": "grouped", "2": "grouped", "4": "grouped", **kept}
 
 
-def test_layers_slower_block_diagonal_are_not_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
-    ms = {"grouped": 1.0, "block_diagonal": 2.0}
+def test_dense_is_chosen_where_it_is_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    ms = {"grouped": 2.0, "block_diagonal": 1.5, "dense": 1.0, "before": 1.0, "after": 0.5, "all dense": 0.6}
+    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    model = decompose(cnn(12), PLAN)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    result = choose_cpu_execution(model, input_shape=(3, 16, 16))
+    assert result["layers"] == ALL_DENSE and result["kept"] and result["after_ms"] == 0.5
+    assert executions(model) == result["layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("all_dense", "kept"), [(1.5, {}), (0.5, ALL_DENSE)])
+def test_layers_faster_grouped_alone_can_still_run_dense(
+    monkeypatch: pytest.MonkeyPatch, all_dense: float, kept: dict[str, str]
+) -> None:
+    # no layer is faster another way alone; the whole model folded dense is tried all the same
+    ms = {"grouped": 1.0, "block_diagonal": 2.0, "dense": 1.5, "before": 1.0, "all dense": all_dense}
     monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16))
+    assert result["layers"] == kept and result["kept"] is bool(kept) and result["candidates"] == 3
+    assert result["per_layer_ms"] is None and result["all_dense_ms"] == all_dense
+    # without the dense way there is nothing left to try
+    model = decompose(cnn(12), PLAN)
+    result = choose_cpu_execution(model, input_shape=(3, 16, 16), executions=("grouped", "block_diagonal"))
     assert result == {"layers": {}, "candidates": 2, "kept": False, "runs": 50}
     assert choose_cpu_execution(cnn(12), input_shape=(3, 16, 16))["candidates"] == 0  # no FGA layer
+
+
+def test_the_ways_tried_can_be_limited(monkeypatch: pytest.MonkeyPatch) -> None:
+    ms = {"grouped": 2.0, "block_diagonal": 1.5, "dense": 1.0, "before": 1.0, "after": 0.5}
+    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    model = decompose(cnn(12), PLAN)
+    result = choose_cpu_execution(model, input_shape=(3, 16, 16), executions=("grouped", "block_diagonal"))
+    assert result["candidates"] == 2 and result["layers"] == {"2": "block_diagonal", "4": "block_diagonal"}
+    model = decompose(cnn(12), PLAN)
+    result = choose_cpu_execution(model, input_shape=(3, 16, 16), executions=("grouped",))
+    assert result == {"layers": {}, "candidates": 0, "kept": False, "runs": 50}
 
 
 def test_bad_input() -> None:
@@ -86,5 +133,12 @@ def test_bad_input() -> None:
         apply_cpu_execution(model, {"1": "block_diagonal"})
     with pytest.raises(ValueError, match="cpu_execution names 'nowhere', which is not an FGA layer"):
         apply_cpu_execution(model, {"nowhere": "block_diagonal"})
-    with pytest.raises(ValueError, match="execution must be one of grouped, block_diagonal, got 'fast'"):
+    with pytest.raises(
+        ValueError, match="execution must be one of grouped, block_diagonal, dense, got 'fast'"
+    ):
         apply_cpu_execution(model, {"2": "fast"})
+    for bad in ("dense", ("dense", "fast")):
+        with pytest.raises(
+            ValueError, match="executions must be a sequence of grouped, block_diagonal, dense, got"
+        ):
+            choose_cpu_execution(model, input_shape=(3, 16, 16), executions=bad)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fga_search import FGAConv2d
 from fga_search._fga import group_svd
@@ -184,8 +185,64 @@ def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: i
     assert got.requires_grad and got.grad_fn is not None
     got.sum().backward()
     assert layer.grouped.weight.grad is not None
-    with pytest.raises(ValueError, match="execution must be one of grouped, block_diagonal, got 'dense'"):
-        layer.set_cpu_execution("dense")
+    with pytest.raises(
+        ValueError, match="execution must be one of grouped, block_diagonal, dense, got 'fast'"
+    ):
+        layer.set_cpu_execution("fast")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.parametrize("g_index", [0, -1])
+def test_dense_cpu_execution_matches_grouped(geometry: dict, g_index: int) -> None:
+    conv = make_conv(geometry)
+    per_group = conv.in_channels // conv.groups
+    g = [d for d in range(1, per_group + 1) if per_group % d == 0][g_index]
+    rank = min(2, FGAConv2d.shaped_like(conv, groups=g, rank=1).exact_rank)
+    layer = FGAConv2d.from_conv(conv, groups=g, rank=rank)
+    x = torch.randn(2, conv.in_channels, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+    if conv.padding_mode != "zeros":
+        assert not layer.can_run_dense
+        with pytest.raises(ValueError, match="dense execution needs padding_mode='zeros', got padding_mode="):
+            layer.set_cpu_execution("dense")
+        return
+    assert layer.can_run_dense
+    layer.set_cpu_execution("dense")
+    # it runs as the original conv does: the fold is done once, before, not counted in a forward
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counted:
+            layer(x)
+        with FlopCounterMode(display=False) as original:
+            conv(x)
+    assert counted.get_total_flops() == original.get_total_flops() > 0
+    w = layer.dense_weight()
+    assert w.shape == conv.weight.shape  # the original layer's geometry, base groups included
+    torch.testing.assert_close(w, layer.to_dense().weight.detach(), rtol=0, atol=0)
+    assert layer.dense_weight() is w  # cached
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert layer.state_dict().keys() == {
+        "grouped.weight",
+        "pointwise.weight",
+        *(["pointwise.bias"] if conv.bias is not None else []),
+    }
+    # the cached weight follows either weight; with gradients on, the pair runs grouped
+    with torch.no_grad():
+        layer.pointwise.weight.mul_(2)
+        torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
+        layer.grouped.weight.mul_(-1)
+        torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
+    got = layer(x)
+    assert got.grad_fn is not None
+    got.sum().backward()
+    assert layer.grouped.weight.grad is not None and layer.pointwise.weight.grad is not None
+    layer.float()  # swaps the weights' .data: the cached weight follows
+    with torch.no_grad():
+        got = layer(x.float())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, layer.pointwise(layer.grouped(x.float())), rtol=1e-5, atol=1e-5)
 
 
 def test_block_diagonal_layers_trace_symbolically() -> None:
