@@ -9,8 +9,9 @@ grouped and with block-diagonal execution. Last, the original and uniform plans 
 ~18 % of the FLOPs) in eager PyTorch, frozen TorchScript and ONNX Runtime, each against the
 original in the same runtime. Last, the export's per-layer choice of execution
 (``fga_search._cpu_execution``) on the error-allocation plan and the uniform plans: with
-block-diagonal execution only, and with folding pairs into one dense conv as well. All timed side
-by side, round by round; medians, and ratios to the dense conv / the original model.
+block-diagonal execution only, and with folding pairs into one dense conv as well; and what a
+folded FGA layer costs per call beyond the nn.Conv2d it computes. All timed side by side, round by
+round; medians, and ratios to the dense conv / the original model.
 
     python scripts/bench_cpu_kernels.py [--threads 2] [--runs 200]
 """
@@ -124,6 +125,7 @@ def main() -> None:
         print(f"  {k}: {v / 1e3:.2f} ms ({v / us['original']:.2f}x the original)")
     runtimes(model, profile, args.runs)
     export_choice(model, profile, plan, args.runs)
+    folded_overhead(args.runs)
 
 
 def runtimes(model: nn.Module, profile: ModelProfile, runs: int) -> None:
@@ -199,6 +201,27 @@ def export_choice(model: nn.Module, profile: ModelProfile, alloc: dict, runs: in
         )
         cells = ", ".join(f"{k} {v / us['original']:.2f}x" for k, v in us.items() if k != "original")
         print(f"  {label}: original {us['original'] / 1e3:.2f} ms; {cells} ({counts})")
+
+
+def folded_overhead(runs: int) -> None:
+    """What an FGA layer run folded costs beyond the dense conv it computes: a chain of 20 small
+    layers (16 channels at 8x8, batch 1), as nn.Conv2d and as FGA layers with dense execution."""
+    torch.manual_seed(0)
+    layers = [
+        FGAConv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1), groups=2, rank=4).eval() for _ in range(20)
+    ]
+    convs = nn.Sequential(*[layer.to_dense() for layer in layers]).eval()
+    for layer in layers:
+        layer.set_cpu_execution("dense")
+    folded = nn.Sequential(*layers).eval()
+    x = torch.randn(1, 16, 8, 8)
+    torch.testing.assert_close(folded(x), convs(x), rtol=1e-4, atol=1e-4)
+    us = side_by_side({"nn.Conv2d": partial(convs, x), "FGA, folded": partial(folded, x)}, runs)
+    print(
+        "Per layer, 16 channels at 8x8 (a chain of 20): "
+        + ", ".join(f"{k} {v / 20:.1f} µs" for k, v in us.items())
+        + f" ({(us['FGA, folded'] - us['nn.Conv2d']) / 20:+.1f} µs per layer)"
+    )
 
 
 if __name__ == "__main__":
