@@ -332,6 +332,19 @@ def _export(args: argparse.Namespace) -> int:
             print(
                 f"CPU:      the {cpu['candidates']} FGA layers stay grouped (no other execution was faster here)"
             )
+    graph = spec.get("onnx_graph")
+    if graph:
+        ms = graph["onnxruntime_ms"]
+        if graph["graph"] == "cpu_execution":
+            print(
+                f"ONNX:     its graph runs the FGA layers as on the CPU above ({ms['cpu_execution']:.3g} ms "
+                f"in ONNX Runtime, against {ms['grouped']:.3g} ms with grouped convs)"
+            )
+        else:
+            print(
+                f"ONNX:     its graph keeps grouped convs ({ms['grouped']:.3g} ms in ONNX Runtime, against "
+                f"{ms['cpu_execution']:.3g} ms as on the CPU above)"
+            )
     if spec.get("latency_at_export"):
         _print_export_latency(spec["latency_at_export"])
     params = spec["params"]

@@ -397,7 +397,8 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, refe
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor) -> float | None:
     # The TorchScript-based exporter: the dynamo one needs onnxscript, which is not a dependency.
-    with _exporting("ONNX", "export without onnx (model.pt and TorchScript do not need it)"):
+    # without gradients, as a deployed model runs: FGA layers then take their CPU execution
+    with _exporting("ONNX", "export without onnx (model.pt and TorchScript do not need it)"), torch.no_grad():
         torch.onnx.export(
             model,
             (example,),
@@ -420,6 +421,49 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, reference: 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     (out,) = session.run(["logits"], {"input": example.numpy()})
     return _max_diff(out, reference)
+
+
+def _onnx_graph(
+    loaded: nn.Module,
+    cpu_execution: dict[str, Any] | None,
+    *,
+    example: torch.Tensor,
+    path: str,
+    reference: torch.Tensor,
+    threads: int | None,
+    runs: int,
+) -> tuple[float | None, dict[str, Any] | None]:
+    """Write the ONNX file; return its max |diff| to ``reference`` (None: onnxruntime is not
+    installed) and how its graph was chosen. ONNX Runtime picks its own kernels, so the FGA layers
+    are exported as grouped convs, unless the export kept another CPU execution for PyTorch
+    (block-diagonal or folded convs) and ONNX Runtime runs that graph faster, timed side by side
+    (``runs`` runs; 0: not timed, grouped)."""
+    grouped = with_cpu_execution(loaded, "grouped")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return _export_onnx(grouped, example, path, reference), None
+    if not (runs and cpu_execution and cpu_execution.get("kept")):
+        return _export_onnx(grouped, example, path, reference), None
+    from ._runtime_latency import onnx_files_latency
+
+    folder = os.path.dirname(path)
+    graphs = {"grouped": grouped, "cpu_execution": loaded}
+    paths = {name: os.path.join(folder, f".{name}.onnx") for name in graphs}
+    diffs = {name: _export_onnx(m, example, paths[name], reference) for name, m in graphs.items()}
+    input_shape = tuple(example.shape[1:])
+    ms = onnx_files_latency(paths, input_shape=input_shape, threads=threads, runs=runs)
+    chosen = "cpu_execution" if ms["cpu_execution"] < ms["grouped"] else "grouped"
+    os.replace(paths[chosen], path)
+    for name in graphs:
+        if name != chosen:
+            os.remove(paths[name])
+    return diffs[chosen], {
+        "graph": chosen,
+        "onnxruntime_ms": ms,
+        "runs": runs,
+        "measured": "ONNX Runtime, batch 1, side by side in the exporting process, medians",
+    }
 
 
 def _file_entry(path: str) -> dict[str, Any]:
@@ -585,9 +629,17 @@ def export(
                     kind, _export_torchscript(loaded, example, path, reference), limit
                 )
             else:
-                # ONNX runtimes pick their own kernels: the grouped convs are exported as such
-                diff = _export_onnx(with_cpu_execution(loaded, "grouped"), example, path, reference)
+                diff, onnx_graph = _onnx_graph(
+                    loaded,
+                    cpu_execution,
+                    example=example,
+                    path=path,
+                    reference=reference,
+                    threads=_cpu_threads(view),
+                    runs=latency_runs,
+                )
                 verification[kind] = None if diff is None else _check(kind, diff, limit)
+                spec["onnx_graph"] = onnx_graph
         at_export = None
         if latency_runs:
             at_export = export_latency(
@@ -597,6 +649,7 @@ def export(
                 threads=_cpu_threads(view),
                 runs=latency_runs,
                 onnx="onnx" in kinds,
+                onnx_file=os.path.join(staging, _FILES["onnx"]) if "onnx" in kinds else None,
                 scratch=staging,
             )
         spec.update(

@@ -25,7 +25,7 @@ from torch import nn
 
 from .latency import Target, measure_side_by_side
 
-__all__ = ["export_latency", "interleaved"]
+__all__ = ["export_latency", "interleaved", "onnx_files_latency"]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
@@ -46,15 +46,46 @@ def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, fl
 def _onnx_session(model: nn.Module, example: torch.Tensor, path: str, threads: int) -> Any:
     import onnxruntime
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # as deployed: FGA layers take their CPU execution
         warnings.simplefilter("ignore")
+        # exported as the export writes model.onnx (a dynamic batch axis), so both compare alike
         torch.onnx.export(
-            model, (example,), path, dynamo=False, input_names=["input"], output_names=["logits"]
+            model,
+            (example,),
+            path,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _file_session(path: str, threads: int) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_files_latency(
+    paths: dict[str, str], *, input_shape: Sequence[int], threads: int | None = None, runs: int = 50
+) -> dict[str, float]:
+    """Median ms of each ONNX file in ONNX Runtime (batch 1, default session options), side by
+    side, round by round. Each file's input is named ``input``."""
+    threads = threads or torch.get_num_threads()
+    feed = {"input": torch.zeros(1, *input_shape).numpy()}
+    sessions = {name: _file_session(path, threads) for name, path in paths.items()}
+
+    def runner(name: str) -> Callable[[], object]:
+        return lambda: sessions[name].run(None, feed)
+
+    return interleaved({name: runner(name) for name in sessions}, runs)
 
 
 def _entry(ms: float, original_ms: float) -> dict[str, float]:
@@ -69,11 +100,13 @@ def export_latency(
     threads: int | None = None,
     runs: int = 50,
     onnx: bool = False,
+    onnx_file: str | None = None,
     scratch: str | None = None,
 ) -> dict[str, Any]:
     """Batch-1 float32 CPU latency of ``model`` and ``original``, measured side by side: in eager
-    PyTorch, and in ONNX Runtime when ``onnx`` (and onnxruntime is installed; the ONNX files are
-    written to a temporary folder under ``scratch`` and removed). Medians of ``runs`` runs."""
+    PyTorch, and in ONNX Runtime when ``onnx`` (and onnxruntime is installed): ``onnx_file`` if
+    given (the file a user ships), else ``model`` exported; the original is exported to a
+    temporary folder under ``scratch`` and removed. Medians of ``runs`` runs."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"latency runs must be an integer >= 10, got {runs!r}")
     target = Target("cpu", threads, 1, "float32", False)
@@ -107,7 +140,10 @@ def export_latency(
                     copy.deepcopy(m).cpu().eval(), example, os.path.join(tmp, f"{name}.onnx"), threads
                 )
                 for name, m in (("model", model), ("original", original))
+                if not (name == "model" and onnx_file is not None)
             }
+            if onnx_file is not None:
+                sessions["model"] = _file_session(onnx_file, threads)
             feed = {"input": example.numpy()}
 
             def runner(name: str) -> Callable[[], object]:

@@ -81,6 +81,27 @@ def test_export_best_round_trips_in_every_format(
     (logits,) = session.run(None, {"input": x.numpy()})
     assert logits.shape == (64, 10)
     assert float((torch.from_numpy(logits) - reference).abs().max()) <= 1e-4
+    # the ONNX graph: grouped convs, or the CPU execution kept above where ONNX Runtime ran it faster
+    import onnx
+
+    convs = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "Conv"]
+    graph = spec["onnx_graph"]
+    plain = sum(1 for c in load_plan(best["plan"]).values() if c == "keep")
+    ways = list(cpu["layers"].values())
+    if graph is None:
+        assert not cpu["kept"]
+        assert len(convs) == plain + 2 * len(pairs)
+    else:
+        assert (
+            cpu["kept"]
+            and graph["runs"] == 50
+            and set(graph["onnxruntime_ms"]) == {"grouped", "cpu_execution"}
+        )
+        faster = min(graph["onnxruntime_ms"], key=graph["onnxruntime_ms"].__getitem__)
+        assert graph["graph"] == faster
+        folded = ways.count("dense") if faster == "cpu_execution" else 0
+        assert len(convs) == plain + 2 * len(pairs) - folded
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "model.torchscript.pt", "spec.json"]
     # the numbers are measured on the loaded model and equal the trial's
     macs = measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=(1, 8, 8))
     assert macs == best["macs"] == result.macs
@@ -220,6 +241,17 @@ def test_export_command_prints_a_summary(
             f"CPU:      the {cpu['candidates']} FGA layers stay grouped (no other execution was faster here)"
             in text
         )
+    graph = spec["onnx_graph"]
+    if graph is None:
+        assert "ONNX:" not in text
+    else:
+        ms = graph["onnxruntime_ms"]
+        expected = (
+            f"ONNX:     its graph runs the FGA layers as on the CPU above ({ms['cpu_execution']:.3g} ms"
+            if graph["graph"] == "cpu_execution"
+            else f"ONNX:     its graph keeps grouped convs ({ms['grouped']:.3g} ms in ONNX Runtime"
+        )
+        assert expected in text
     lat = spec["latency_at_export"]
     line = next(ln for ln in text.splitlines() if ln.startswith("latency on this CPU"))
     assert f"({lat['device']}, batch 1, medians of 50 runs side by side)" in line

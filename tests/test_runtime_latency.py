@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fga_search import decompose
-from fga_search._runtime_latency import export_latency
+from fga_search._runtime_latency import export_latency, onnx_files_latency
 
 
 def small_cnn(c: int) -> nn.Module:
@@ -51,3 +51,41 @@ def test_bad_run_counts_are_refused(runs: object) -> None:
     original = small_cnn(8)
     with pytest.raises(ValueError, match=rf"latency runs must be an integer >= 10, got {runs!r}"):
         export_latency(original, original, input_shape=(3, 8, 8), runs=runs)  # type: ignore[arg-type]
+
+
+def test_a_given_onnx_file_is_the_one_timed(tmp_path: Path) -> None:
+    original = small_cnn(8)
+    model = decompose(original, {"2": (2, 2)})
+    shipped = tmp_path / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, 8, 8),),
+            str(shipped),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+        )
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    lat = export_latency(
+        model,
+        original,
+        input_shape=(3, 8, 8),
+        runs=10,
+        onnx=True,
+        onnx_file=str(shipped),
+        scratch=str(scratch),
+    )
+    assert 0 < lat["onnxruntime"]["ms"] < 100 and shipped.is_file() and os.listdir(scratch) == []
+    with pytest.raises(Exception, match="nowhere.onnx"):  # the file given is the one opened
+        export_latency(
+            model,
+            original,
+            input_shape=(3, 8, 8),
+            runs=10,
+            onnx=True,
+            onnx_file=str(tmp_path / "nowhere.onnx"),
+        )
+    ms = onnx_files_latency({"a": str(shipped), "b": str(shipped)}, input_shape=(3, 8, 8), threads=1, runs=10)
+    assert set(ms) == {"a", "b"} and all(0 < v < 100 for v in ms.values())
