@@ -34,7 +34,7 @@ from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
 from ._errors import first_line
 from ._fga import with_cpu_execution
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
-from ._runtime_latency import export_latency
+from ._runtime_latency import export_latency, write_onnx
 from ._runview import RunView, is_usable, read_run
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportResult", "ExportVerificationError", "export", "load_exported"]
@@ -396,18 +396,8 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, refe
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, reference: torch.Tensor) -> float | None:
-    # The TorchScript-based exporter: the dynamo one needs onnxscript, which is not a dependency.
-    # without gradients, as a deployed model runs: FGA layers then take their CPU execution
-    with _exporting("ONNX", "export without onnx (model.pt and TorchScript do not need it)"), torch.no_grad():
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+    with _exporting("ONNX", "export without onnx (model.pt and TorchScript do not need it)"):
+        write_onnx(model, example, path)
     try:
         import onnx
 

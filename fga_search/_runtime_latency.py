@@ -25,7 +25,7 @@ from torch import nn
 
 from .latency import Target, measure_side_by_side
 
-__all__ = ["export_latency", "interleaved", "onnx_files_latency"]
+__all__ = ["export_latency", "interleaved", "onnx_files_latency", "write_onnx"]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
@@ -43,12 +43,12 @@ def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _onnx_session(model: nn.Module, example: torch.Tensor, path: str, threads: int) -> Any:
-    import onnxruntime
-
-    with warnings.catch_warnings(), torch.no_grad():  # as deployed: FGA layers take their CPU execution
-        warnings.simplefilter("ignore")
-        # exported as the export writes model.onnx (a dynamic batch axis), so both compare alike
+def write_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    """Export ``model`` to ONNX as the export writes ``model.onnx``: the TorchScript-based
+    exporter (the dynamo one needs onnxscript, not a dependency), a dynamic batch axis, input
+    ``input`` and output ``logits``, and no gradients, as a deployed model runs (FGA layers then
+    take their CPU execution)."""
+    with torch.no_grad():
         torch.onnx.export(
             model,
             (example,),
@@ -58,10 +58,13 @@ def _onnx_session(model: nn.Module, example: torch.Tensor, path: str, threads: i
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_session(model: nn.Module, example: torch.Tensor, path: str, threads: int) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_onnx(model, example, path)  # as model.onnx is written, so both compare alike
+    return _file_session(path, threads)
 
 
 def _file_session(path: str, threads: int) -> Any:

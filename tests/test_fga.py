@@ -148,9 +148,9 @@ def test_to_dense_round_trip() -> None:
     torch.testing.assert_close(layer.to_dense()(x), layer(x))
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
-@pytest.mark.parametrize("g_index", [1, -1])
-def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: int) -> None:
+def small_rank_layer(geometry: dict, g_index: int) -> tuple[nn.Conv2d, FGAConv2d, torch.Tensor, torch.Tensor]:
+    """The conv, its FGA layer at the g_index-th group count and rank <= 2, an input, and the
+    layer's output on it (grouped execution)."""
     conv = make_conv(geometry)
     per_group = conv.in_channels // conv.groups
     g = [d for d in range(1, per_group + 1) if per_group % d == 0][g_index]
@@ -159,6 +159,35 @@ def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: i
     x = torch.randn(2, conv.in_channels, 11, 9, dtype=torch.float64)
     with torch.no_grad():
         expected = layer(x)
+    return conv, layer, x, expected
+
+
+def check_cpu_execution(layer: FGAConv2d, conv: nn.Conv2d, x: torch.Tensor, expected: torch.Tensor) -> None:
+    """A layer set to another CPU execution: the same outputs and state_dict; its cached weight
+    follows in-place changes of either weight; with gradients on, the pair runs grouped."""
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert layer.state_dict().keys() == {
+        "grouped.weight",
+        "pointwise.weight",
+        *(["pointwise.bias"] if conv.bias is not None else []),
+    }
+    with torch.no_grad():
+        for weight, factor in ((layer.grouped.weight, 2.0), (layer.pointwise.weight, -1.0)):
+            weight.mul_(factor)
+            torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
+    got = layer(x)
+    assert got.requires_grad and got.grad_fn is not None
+    got.sum().backward()
+    assert layer.grouped.weight.grad is not None and layer.pointwise.weight.grad is not None
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+@pytest.mark.parametrize("g_index", [1, -1])
+def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: int) -> None:
+    conv, layer, x, expected = small_rank_layer(geometry, g_index)
+    g, rank = layer.groups, layer.rank
     if conv.groups != 1 or conv.padding_mode != "zeros":
         with pytest.raises(
             ValueError, match="block_diagonal execution needs base_groups=1 and padding_mode='zeros'"
@@ -169,22 +198,7 @@ def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: i
     w = layer.block_diagonal_weight()
     assert w.shape == (g * rank, conv.in_channels, *layer.kernel_size)
     assert int((w != 0).sum()) == int((layer.grouped.weight != 0).sum())  # zeros between the groups
-    with torch.no_grad():
-        got = layer(x)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    assert layer.state_dict().keys() == {
-        "grouped.weight",
-        "pointwise.weight",
-        *(["pointwise.bias"] if conv.bias is not None else []),
-    }
-    # the cached weight follows the layer's weights; with gradients on, the grouped conv runs
-    with torch.no_grad():
-        layer.grouped.weight.mul_(2)
-        torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
-    got = layer(x)
-    assert got.requires_grad and got.grad_fn is not None
-    got.sum().backward()
-    assert layer.grouped.weight.grad is not None
+    check_cpu_execution(layer, conv, x, expected)
     with pytest.raises(
         ValueError, match="execution must be one of grouped, block_diagonal, dense, got 'fast'"
     ):
@@ -194,14 +208,7 @@ def test_block_diagonal_cpu_execution_matches_grouped(geometry: dict, g_index: i
 @pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
 @pytest.mark.parametrize("g_index", [0, -1])
 def test_dense_cpu_execution_matches_grouped(geometry: dict, g_index: int) -> None:
-    conv = make_conv(geometry)
-    per_group = conv.in_channels // conv.groups
-    g = [d for d in range(1, per_group + 1) if per_group % d == 0][g_index]
-    rank = min(2, FGAConv2d.shaped_like(conv, groups=g, rank=1).exact_rank)
-    layer = FGAConv2d.from_conv(conv, groups=g, rank=rank)
-    x = torch.randn(2, conv.in_channels, 11, 9, dtype=torch.float64)
-    with torch.no_grad():
-        expected = layer(x)
+    conv, layer, x, expected = small_rank_layer(geometry, g_index)
     if conv.padding_mode != "zeros":
         assert not layer.can_run_dense
         with pytest.raises(ValueError, match="dense execution needs padding_mode='zeros', got padding_mode="):
@@ -220,24 +227,7 @@ def test_dense_cpu_execution_matches_grouped(geometry: dict, g_index: int) -> No
     assert w.shape == conv.weight.shape  # the original layer's geometry, base groups included
     torch.testing.assert_close(w, layer.to_dense().weight.detach(), rtol=0, atol=0)
     assert layer.dense_weight() is w  # cached
-    with torch.no_grad():
-        got = layer(x)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    assert layer.state_dict().keys() == {
-        "grouped.weight",
-        "pointwise.weight",
-        *(["pointwise.bias"] if conv.bias is not None else []),
-    }
-    # the cached weight follows either weight; with gradients on, the pair runs grouped
-    with torch.no_grad():
-        layer.pointwise.weight.mul_(2)
-        torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
-        layer.grouped.weight.mul_(-1)
-        torch.testing.assert_close(layer(x), layer.pointwise(layer.grouped(x)), rtol=1e-10, atol=1e-12)
-    got = layer(x)
-    assert got.grad_fn is not None
-    got.sum().backward()
-    assert layer.grouped.weight.grad is not None and layer.pointwise.weight.grad is not None
+    check_cpu_execution(layer, conv, x, expected)
     layer.float()  # swaps the weights' .data: the cached weight follows
     with torch.no_grad():
         got = layer(x.float())
