@@ -28,8 +28,7 @@ __all__ = ["apply_cpu_execution", "choose_cpu_execution"]
 
 def _executions(layer: FGAConv2d, allowed: Sequence[str]) -> list[str]:
     """The ways ``layer`` can run on CPU inputs among ``allowed``, grouped first."""
-    can = {"grouped": True, "block_diagonal": layer.can_run_block_diagonal, "dense": layer.can_run_dense}
-    return ["grouped", *(way for way in CPU_EXECUTIONS[1:] if way in allowed and can[way])]
+    return ["grouped", *(way for way in CPU_EXECUTIONS[1:] if way in allowed and layer.can_run(way))]
 
 
 def _eligible(model: nn.Module, allowed: Sequence[str]) -> dict[str, FGAConv2d]:
@@ -114,9 +113,10 @@ def choose_cpu_execution(
     # Layers cost more inside the model than alone, so the whole model decides, side by side:
     # the per-layer picks, and every pair folded dense (about the original's time), if allowed.
     options: dict[str, dict[str, str]] = {"after": chosen} if chosen else {}
-    dense = {name: "dense" for name, layer in eligible.items() if layer.can_run_dense and name in shapes}
-    if "dense" in executions and dense:
-        options["all dense"] = dense
+    if "dense" in executions:
+        dense = {name: "dense" for name, layer in eligible.items() if layer.can_run_dense and name in shapes}
+        if dense:
+            options["all dense"] = dense
     if not options:
         return result
     timed: dict[str, nn.Module] = {"before": model}

@@ -415,6 +415,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, reference: 
 
 def _onnx_graph(
     loaded: nn.Module,
+    grouped: nn.Module,
     cpu_execution: dict[str, Any] | None,
     *,
     example: torch.Tensor,
@@ -427,13 +428,8 @@ def _onnx_graph(
     installed) and how its graph was chosen. ONNX Runtime picks its own kernels, so the FGA layers
     are exported as grouped convs, unless the export kept another CPU execution for PyTorch
     (block-diagonal or folded convs) and ONNX Runtime runs that graph faster, timed side by side
-    (``runs`` runs; 0: not timed, grouped)."""
-    grouped = with_cpu_execution(loaded, "grouped")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return _export_onnx(grouped, example, path, reference), None
-    if not (runs and cpu_execution and cpu_execution.get("kept")):
+    (``runs`` runs; 0: not timed, grouped). ``grouped`` is ``loaded`` with every FGA layer grouped."""
+    if not (runs and cpu_execution and cpu_execution.get("kept") and _has_onnxruntime()):
         return _export_onnx(grouped, example, path, reference), None
     from ._runtime_latency import onnx_files_latency
 
@@ -454,6 +450,14 @@ def _onnx_graph(
         "runs": runs,
         "measured": "ONNX Runtime, batch 1, side by side in the exporting process, medians",
     }
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _file_entry(path: str) -> dict[str, Any]:
@@ -595,7 +599,8 @@ def export(
             _write_json(spec_path, spec)
             loaded = load_exported(staging)
         # the model's FLOPs: its FGA layers as grouped convs, however they run on a CPU
-        macs = measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=setup.data.input_shape)
+        grouped = with_cpu_execution(loaded, "grouped")
+        macs = measure_macs(grouped, input_shape=setup.data.input_shape)
         params = sum(p.numel() for p in loaded.parameters())
         if macs != cost.macs or params != cost.params:
             raise ExportVerificationError(
@@ -621,6 +626,7 @@ def export(
             else:
                 diff, onnx_graph = _onnx_graph(
                     loaded,
+                    grouped,
                     cpu_execution,
                     example=example,
                     path=path,

@@ -203,6 +203,17 @@ class FGAConv2d(nn.Module):
         """Whether :meth:`set_cpu_execution` accepts ``"dense"``."""
         return self.padding_mode == "zeros"
 
+    def can_run(self, execution: str) -> bool:
+        """Whether the layer can run ``execution`` (one of ``CPU_EXECUTIONS``) and it changes
+        anything: ``"grouped"`` always."""
+        if execution not in CPU_EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(CPU_EXECUTIONS)}, got {execution!r}")
+        return {
+            "grouped": True,
+            "block_diagonal": self.can_run_block_diagonal,
+            "dense": self.can_run_dense,
+        }[execution]
+
     def set_cpu_execution(self, execution: str) -> None:
         """How the pair runs on CPU inputs: a grouped conv then the 1x1 conv (``"grouped"``, the
         default); the grouped conv as one dense conv with a block-diagonal weight, then the 1x1
@@ -418,10 +429,6 @@ def with_cpu_execution(model: nn.Module, execution: str) -> nn.Module:
         raise ValueError(f"execution must be one of {', '.join(CPU_EXECUTIONS)}, got {execution!r}")
     out = copy.deepcopy(model)
     for m in out.modules():
-        if isinstance(m, FGAConv2d) and (
-            execution == "grouped"
-            or (execution == "block_diagonal" and m.can_run_block_diagonal)
-            or (execution == "dense" and m.can_run_dense)
-        ):
+        if isinstance(m, FGAConv2d) and m.can_run(execution):
             m.set_cpu_execution(execution)
     return out

@@ -138,12 +138,15 @@ def export_latency(
             return out
         example = torch.zeros(1, *input_shape)
         with tempfile.TemporaryDirectory(prefix=".fga-latency-", dir=scratch) as tmp:
+            # the file a user ships, if given; else the model exported here, as the original is
+            exported = (
+                {"original": original} if onnx_file is not None else {"model": model, "original": original}
+            )
             sessions = {
                 name: _onnx_session(
                     copy.deepcopy(m).cpu().eval(), example, os.path.join(tmp, f"{name}.onnx"), threads
                 )
-                for name, m in (("model", model), ("original", original))
-                if not (name == "model" and onnx_file is not None)
+                for name, m in exported.items()
             }
             if onnx_file is not None:
                 sessions["model"] = _file_session(onnx_file, threads)
