@@ -261,6 +261,12 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
         f"latency on this CPU ({lat['device']}, batch 1, medians of {lat['runs']} runs side by side): "
         + "; ".join(cells)
     )
+    fair = lat.get("pytorch_vs_folded_original")
+    if fair:
+        print(
+            f"          against the original with its batch norms folded alike: PyTorch {fair['ratio']:.2f}x "
+            f"({fair['ms']:.3g} vs {fair['original_ms']:.3g} ms)"
+        )
     slower = [name for name, r in runtimes.items() if r and r["ratio"] > 1]
     if slower:
         print(
@@ -332,6 +338,17 @@ def _export(args: argparse.Namespace) -> int:
             print(
                 f"CPU:      the {cpu['candidates']} FGA layers stay grouped (no other execution was faster here)"
             )
+    fold = spec.get("bn_fold")
+    if fold:
+        count = len(fold["pairs"])
+        change = (
+            f"the model: {fold['after_ms'] / fold['before_ms']:.2f}x the time unfolded, measured side by side"
+        )
+        print(
+            f"BN:       {count} batch norm(s) folded into the convs before them ({change})"
+            if fold["kept"]
+            else f"BN:       the {count} batch norm(s) after convs stay unfolded (folding was not faster here: {change})"
+        )
     graph = spec.get("onnx_graph")
     if graph:
         ms = graph["onnxruntime_ms"]

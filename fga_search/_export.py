@@ -29,13 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._bn_fold import conv_bn_pairs, fold_batchnorms
 from ._checkpoint import cpu_state_dict
 from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
 from ._errors import first_line
-from ._fga import with_cpu_execution
+from ._fga import FGAConv2d, with_cpu_execution
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency, write_onnx
 from ._runview import RunView, is_usable, read_run
+from .latency import Target, measure_side_by_side
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportResult", "ExportVerificationError", "export", "load_exported"]
 
@@ -91,7 +93,7 @@ def _read_spec(folder: str) -> dict[str, Any]:
     return spec
 
 
-def _build(spec: dict[str, Any], weights: str) -> nn.Module:
+def _build(spec: dict[str, Any], weights: str, *, fold_batchnorm: bool = True) -> nn.Module:
     from ._surgery import apply_plan_structure
     from ._zoo import build_model
 
@@ -106,21 +108,29 @@ def _build(spec: dict[str, Any], weights: str) -> nn.Module:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"weights {weights} do not fit the model described by spec.json: {first}") from None
+    bn_fold = spec.get("bn_fold") or {}
+    if fold_batchnorm and bn_fold.get("kept"):
+        pairs = bn_fold.get("pairs")
+        if not isinstance(pairs, dict) or not all(isinstance(v, str) for v in pairs.values()):
+            raise ValueError(f"spec.json: bn_fold.pairs must map conv names to BN names, got {pairs!r}")
+        fold_batchnorms(model, pairs)
     layers = (spec.get("cpu_execution") or {}).get("layers") or {}
     if layers:
         apply_cpu_execution(model, layers)
     return model.eval()
 
 
-def load_exported(path: str | os.PathLike[str]) -> nn.Module:
+def load_exported(path: str | os.PathLike[str], *, fold_batchnorm: bool = True) -> nn.Module:
     """Rebuild an exported model (a folder written by :func:`export`, or its ``spec.json``).
 
     The base architecture is built by name (zoo, torchvision or ``pkg.module:factory``), its
     planned convs are replaced by FGA layers, and ``model.pt`` is loaded with ``weights_only=True``.
     The FGA layers that the export measured faster on the CPU another way (the grouped conv as a
     block-diagonal dense conv, or the pair folded into one dense conv) run so on CPU inputs without
-    gradients (``spec["cpu_execution"]``). Returns the module in eval mode,
-    on the CPU.
+    gradients (``spec["cpu_execution"]``). The batch norms that the export measured faster
+    folded into the convs before them are folded (``spec["bn_fold"]``; they become
+    ``nn.Identity``), unless ``fold_batchnorm=False``: keep them to fine-tune the model further.
+    Returns the module in eval mode, on the CPU.
     """
     folder = os.fspath(path)
     if os.path.isfile(folder) and os.path.basename(folder) == "spec.json":
@@ -131,7 +141,7 @@ def load_exported(path: str | os.PathLike[str]) -> nn.Module:
     weights = os.path.join(folder, "model.pt")
     if not os.path.isfile(weights):
         raise ValueError(f"{folder} has spec.json but no model.pt")
-    return _build(spec, weights)
+    return _build(spec, weights, fold_batchnorm=fold_batchnorm)
 
 
 # -- checks at the boundary ------------------------------------------------------------------
@@ -452,6 +462,35 @@ def _onnx_graph(
     }
 
 
+def _choose_bn_fold(
+    loaded: nn.Module, *, input_shape: Sequence[int], threads: int | None, runs: int
+) -> dict[str, Any] | None:
+    """Fold the batch norms that follow convs (``_bn_fold``) into a copy of ``loaded``, time both
+    side by side on this CPU, and keep the fold only if the whole model is faster."""
+    pairs = conv_bn_pairs(loaded)
+    if not pairs:
+        return None
+    folded = copy.deepcopy(loaded)
+    fold_batchnorms(folded, pairs)
+    for module in folded.modules():  # rebuild cached block-diagonal / dense weights from the folded ones
+        if isinstance(module, FGAConv2d) and module.cpu_execution != "grouped":
+            module.set_cpu_execution(module.cpu_execution)
+    ms = measure_side_by_side(
+        {"unfolded": loaded, "folded": folded},
+        input_shape=input_shape,
+        target=Target("cpu", threads, 1, "float32", False),
+        rounds=max(1, runs // 10),
+        repeats=10,
+    )
+    return {
+        "pairs": pairs,
+        "kept": ms["folded"] < ms["unfolded"],
+        "before_ms": ms["unfolded"],
+        "after_ms": ms["folded"],
+        "runs": runs,
+    }
+
+
 def _has_onnxruntime() -> bool:
     try:
         import onnxruntime  # noqa: F401
@@ -598,10 +637,18 @@ def export(
             spec["cpu_execution"] = cpu_execution
             _write_json(spec_path, spec)
             loaded = load_exported(staging)
+            # then batch norms folded into the convs before them: kept only if measured faster
+            bn_fold = _choose_bn_fold(
+                loaded, input_shape=setup.data.input_shape, threads=_cpu_threads(view), runs=latency_runs
+            )
+            if bn_fold is not None:
+                spec["bn_fold"] = bn_fold
+                _write_json(spec_path, spec)
+                loaded = load_exported(staging)
         # the model's FLOPs: its FGA layers as grouped convs, however they run on a CPU
         grouped = with_cpu_execution(loaded, "grouped")
         macs = measure_macs(grouped, input_shape=setup.data.input_shape)
-        params = sum(p.numel() for p in loaded.parameters())
+        params = sum(p.numel() for p in model.parameters())  # as trained: batch norms unfolded
         if macs != cost.macs or params != cost.params:
             raise ExportVerificationError(
                 f"verification failed: the exported model has {macs} MACs and {params} params, "
@@ -638,9 +685,14 @@ def export(
                 spec["onnx_graph"] = onnx_graph
         at_export = None
         if latency_runs:
+            folded_original = None
+            if (spec.get("bn_fold") or {}).get("kept"):  # the original with its batch norms folded alike
+                folded_original = copy.deepcopy(setup.model).cpu().eval()
+                fold_batchnorms(folded_original, conv_bn_pairs(folded_original))
             at_export = export_latency(
                 loaded,
                 setup.model,
+                folded_original=folded_original,
                 input_shape=setup.data.input_shape,
                 threads=_cpu_threads(view),
                 runs=latency_runs,

@@ -60,6 +60,16 @@ def test_export_best_round_trips_in_every_format(
     loaded = load_exported(out)
     ours = run_model(run_dir, best)
     spec = json.loads((out / "spec.json").read_text())
+    # each of the digits CNN's five convs is followed by its batch norm: folded if measured faster
+    fold = spec["bn_fold"]
+    assert fold["pairs"] == {f"features.{i}": f"features.{i + 1}" for i in (0, 3, 6, 10, 13)}
+    assert fold["runs"] == 50 and fold["kept"] == (fold["after_ms"] < fold["before_ms"])
+    unfolded = load_exported(out, fold_batchnorm=False)
+    bns = [n for n, m in loaded.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns == ([] if fold["kept"] else list(fold["pairs"].values()))
+    assert [n for n, m in unfolded.named_modules() if isinstance(m, torch.nn.BatchNorm2d)] == list(
+        fold["pairs"].values()
+    )
     cpu = spec["cpu_execution"]  # measured on this CPU: which FGA layers run block-diagonal or dense
     pairs = [c for c in load_plan(best["plan"]).values() if c != "keep"]
     assert cpu["candidates"] == len(pairs)  # every pair can run dense; those with g > 1 block-diagonal too
@@ -72,7 +82,8 @@ def test_export_best_round_trips_in_every_format(
     }
     with torch.no_grad():
         reference = ours(x)
-        assert torch.equal(loaded(x), reference)  # identical outputs to the run's model
+        assert torch.equal(unfolded(x), reference)  # identical outputs to the run's model
+        torch.testing.assert_close(loaded(x), reference, rtol=1e-5, atol=1e-5)  # the fold: rounding only
         scripted = torch.jit.load(str(out / "model.torchscript.pt"))
         assert (scripted(x) - reference).abs().max().item() <= 1e-4
     import onnxruntime
@@ -108,7 +119,7 @@ def test_export_best_round_trips_in_every_format(
     with torch.no_grad():  # as it runs on a CPU: block-diagonal and dense convs execute more MACs
         executed = measure_macs(loaded, input_shape=(1, 8, 8))
     assert executed == (cpu["executed_macs"] if cpu["kept"] else macs)
-    assert sum(p.numel() for p in loaded.parameters()) == best["params"] == result.params
+    assert sum(p.numel() for p in unfolded.parameters()) == best["params"] == result.params
     test_acc = evaluate(loaded, test)
     assert result.test_acc == pytest.approx(test_acc, abs=1e-9)
     assert result.test_acc == pytest.approx(best["test_acc"], abs=1e-9)  # the same weights, the same data
@@ -123,7 +134,9 @@ def test_export_best_round_trips_in_every_format(
     assert spec["original"]["macs"] == run["baseline"]["macs"]
     assert spec["fga_search_version"] == run["versions"]["fga_search"]
     diffs = spec["verification"]["max_abs_diff"]
-    assert diffs["model.pt"] == 0.0 or (cpu["kept"] and diffs["model.pt"] <= 1e-5)  # rounding only
+    assert diffs["model.pt"] == 0.0 or (
+        (cpu["kept"] or fold["kept"]) and diffs["model.pt"] <= 1e-5
+    )  # rounding
     assert diffs["torchscript"] <= 1e-4 and 0 <= diffs["onnx"] <= 1e-4
     assert spec["files"]["model.pt"]["bytes"] == (out / "model.pt").stat().st_size
     # both models timed side by side at export, in PyTorch and in ONNX Runtime
@@ -134,6 +147,11 @@ def test_export_best_round_trips_in_every_format(
         r = lat[runtime]
         assert 0 < r["ms"] < 1000 and 0 < r["original_ms"] < 1000
         assert r["ratio"] == pytest.approx(r["ms"] / r["original_ms"], rel=1e-12)
+    # with the fold kept, also against the original folded alike (the fold's own gain is not the plan's)
+    fair = lat.get("pytorch_vs_folded_original")
+    assert (fair is not None) == fold["kept"]
+    if fair:
+        assert fair["ms"] == lat["pytorch"]["ms"] and 0 < fair["original_ms"] < 1000
     # model.pt holds plain tensors only
     state = torch.load(out / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(type(v) is torch.Tensor for v in state.values())
@@ -189,7 +207,7 @@ def test_final_finetune_on_train_and_val(
     loaded = load_exported(tmp_path / "ft")
     assert result.test_acc == pytest.approx(evaluate(loaded, test), abs=1e-9)
     before = run_model(run_dir, knee).state_dict()
-    after = loaded.state_dict()
+    after = load_exported(tmp_path / "ft", fold_batchnorm=False).state_dict()  # as trained: BNs unfolded
     assert max((before[k].float() - after[k].float()).abs().max().item() for k in before) > 1e-3
     # the model's MACs are those of its FGA layers run grouped, however the CPU runs them
     assert measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=(1, 8, 8)) == knee["macs"]
@@ -241,6 +259,15 @@ def test_export_command_prints_a_summary(
             f"CPU:      the {cpu['candidates']} FGA layers stay grouped (no other execution was faster here)"
             in text
         )
+    fold = spec["bn_fold"]
+    change = (
+        f"the model: {fold['after_ms'] / fold['before_ms']:.2f}x the time unfolded, measured side by side"
+    )
+    assert (
+        f"BN:       5 batch norm(s) folded into the convs before them ({change})"
+        if fold["kept"]
+        else f"BN:       the 5 batch norm(s) after convs stay unfolded (folding was not faster here: {change})"
+    ) in text
     graph = spec["onnx_graph"]
     if graph is None:
         assert "ONNX:" not in text
@@ -258,6 +285,13 @@ def test_export_command_prints_a_summary(
     for name, key in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime")):
         r = lat[key]
         assert f"{name} {r['ratio']:.2f}x the original ({r['ms']:.3g} vs {r['original_ms']:.3g} ms)" in line
+    fair = lat.get("pytorch_vs_folded_original")
+    assert (
+        fair is not None
+        and f"against the original with its batch norms folded alike: PyTorch {fair['ratio']:.2f}x "
+        f"({fair['ms']:.3g} vs {fair['original_ms']:.3g} ms)"
+        in text
+    ) == fold["kept"]
     slower = [
         name
         for name, key in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime"))
@@ -282,7 +316,8 @@ def test_export_command_prints_a_summary(
         ]
     )
     assert code == 0 and sorted(os.listdir(out)) == ["model.pt", "spec.json"]
-    assert json.loads((out / "spec.json").read_text())["latency_at_export"] is None
+    again = json.loads((out / "spec.json").read_text())
+    assert again["latency_at_export"] is None and "bn_fold" not in again  # nothing measured: nothing folded
     assert "latency on this CPU" not in capsys.readouterr().out
 
 
@@ -439,6 +474,34 @@ def test_load_exported_rebuilds_from_spec_and_state_dict(tmp_path: Path) -> None
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+    # batch norms recorded as folded are folded at load (unless asked not to), the same function
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)  # type: ignore[union-attr]
+            bn.running_var.uniform_(0.5, 2)  # type: ignore[union-attr]
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    pairs = {"features.0": "features.1", "features.3": "features.4"}
+    spec["bn_fold"] = {"pairs": pairs, "kept": True}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    folded, kept = load_exported(tmp_path), load_exported(tmp_path, fold_batchnorm=False)
+    assert isinstance(folded.features[1], torch.nn.Identity) and isinstance(
+        folded.features[4], torch.nn.Identity
+    )
+    assert isinstance(kept.features[1], torch.nn.BatchNorm2d) and isinstance(
+        folded.features[7], torch.nn.BatchNorm2d
+    )
+    with torch.no_grad():
+        assert torch.equal(kept(x), model(x))
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    for bad, message in (
+        ({"features.0": "features.2"}, r"'features.0' \(Conv2d\) with 'features.2' \(ReLU\)"),
+        (["features.0"], r"bn_fold.pairs must map conv names to BN names"),
+    ):
+        spec["bn_fold"] = {"pairs": bad, "kept": True}
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=message):
+            load_exported(tmp_path)
+    del spec["bn_fold"]
     spec["plan"] = {"features.3": [1, 2]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="do not fit the model described by spec.json"):
