@@ -359,7 +359,20 @@ class RaySearch:
             study_name=name,
             seed=c.seed,
         )
-        return ConcurrencyLimiter(alg, max_concurrent=c.max_concurrent) if c.max_concurrent else alg
+        # Tune keeps a single trial pending for a custom searcher unless it is limited: with short
+        # trials and reused actors, every trial then ran on one node. The limit is what fits.
+        return ConcurrencyLimiter(alg, max_concurrent=c.max_concurrent or self.slots())
+
+    def slots(self) -> int:
+        """How many trials the cluster's resources run at once (at least one)."""
+        have = ray.cluster_resources()
+        need = self.resources()
+        fits = [
+            int(have.get(key, 0.0) / need[unit] + 1e-9)
+            for key, unit in (("CPU", "cpu"), ("GPU", "gpu"))
+            if need[unit] > 0
+        ]
+        return max(1, min(fits, default=1))
 
     def payload(self) -> _Payload:
         s = self.setup
