@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -23,6 +24,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,6 +330,23 @@ class _Progress(tune.Callback):
         )
 
 
+@contextlib.contextmanager
+def _pending_trials(count: int | None) -> Iterator[None]:
+    """Let Tune keep `count` trials pending while it fits. For a custom searcher without a
+    concurrency limit Tune keeps one, so with short trials and reused actors every trial ran on
+    the first node; a limit would also cap the running trials, which an autoscaling cluster does
+    not want. A value the user set in the environment is kept."""
+    name = "TUNE_MAX_PENDING_TRIALS_PG"
+    if count is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = str(count)
+    try:
+        yield
+    finally:
+        del os.environ[name]
+
+
 class RaySearch:
     def __init__(self, setup: SearchSetup, folder: RunFolder, runner: TrialRunner) -> None:
         self.setup = setup
@@ -359,12 +378,10 @@ class RaySearch:
             study_name=name,
             seed=c.seed,
         )
-        # Tune keeps a single trial pending for a custom searcher unless it is limited: with short
-        # trials and reused actors, every trial then ran on one node. The limit is what fits.
-        return ConcurrencyLimiter(alg, max_concurrent=c.max_concurrent or self.slots())
+        return ConcurrencyLimiter(alg, max_concurrent=c.max_concurrent) if c.max_concurrent else alg
 
     def slots(self) -> int:
-        """How many trials the cluster's resources run at once (at least one)."""
+        """How many trials the cluster's resources run at once now (at least one)."""
         have = ray.cluster_resources()
         need = self.resources()
         fits = [
@@ -499,7 +516,8 @@ class RaySearch:
                     verbose=0,
                 ),
             )
-        results = tuner.fit()
+        with _pending_trials(None if c.max_concurrent else self.slots()):
+            results = tuner.fit()
         rows = self.collect(results) + self.orphans()
         self.keep_front_checkpoints(rows)
         rows.sort(key=lambda r: r["trial"])

@@ -155,6 +155,22 @@ def test_trials_run_on_both_nodes_with_one_logical_gpu_each(cluster: Cluster) ->
     assert "best model: trial" in out
 
 
+def test_tune_keeps_as_many_trials_pending_as_fit_only_while_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fga_search._ray_backend import _pending_trials
+
+    name = "TUNE_MAX_PENDING_TRIALS_PG"
+    monkeypatch.delenv(name, raising=False)
+    with _pending_trials(2):
+        assert os.environ[name] == "2"
+    assert name not in os.environ
+    with _pending_trials(None):  # --max-concurrent set: its limiter decides
+        assert name not in os.environ
+    monkeypatch.setenv(name, "7")  # the user's own value is kept
+    with _pending_trials(2):
+        assert os.environ[name] == "7"
+    assert os.environ[name] == "7"
+
+
 def worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "ray::ImplicitFunc" in line]
