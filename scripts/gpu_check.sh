@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks (issues 6 and 7) as one prepared script for a GPU machine whose Python has
-# torch but neither optuna nor ray. At most about 9 minutes on an H100.
+# torch but neither optuna nor ray.
 #
 #   scripts/gpu_check.sh --prepare   # here: copy the shared data and checkpoints, fetch the
 #                                    # optuna wheels for Python 3.12, into .gpu/ (git-ignored)
-#   scripts/gpu_check.sh [OUT_DIR]   # there, from the repository root, with .gpu/ carried along
+#   scripts/gpu_check.sh [OUT_DIR]   # there, from the repository root, with .gpu/ carried along:
+#                                    # the speed checks (issue 6), at most 5 minutes
+#   scripts/gpu_check.sh --with-quality [OUT_DIR]   # the same, then the quality checks (issue 7),
+#                                    # at most 10 minutes in all: one call for a 15-minute session
 #
-# Expected output (OUT_DIR/speed.txt, OUT_DIR/quality.txt, OUT_DIR/results.md):
+# Expected output (OUT_DIR/speed.txt; with --with-quality also OUT_DIR/quality.txt, results.md):
 #   speed.txt: 1. images/s of the plain loop and of fga-search's loop for the original and an FGA
 #     ResNet-56 at budget 0.2, with their ratio (target >= 0.90); 2. seconds per 1-epoch trial,
 #     median (target < 6 s on an H100); 3. the best latency-searched model's latency ratio at
@@ -30,6 +33,11 @@ if [ "${1:-}" = "--prepare" ]; then
     exit 0
 fi
 
+QUALITY=0
+if [ "${1:-}" = "--with-quality" ]; then
+    QUALITY=1
+    shift
+fi
 OUT="${OUT:-${1:-gpu-out}}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/tmp/fga-cache FGA_SHARED_DIR="$PWD/.gpu/shared"
@@ -40,7 +48,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, optuna; print('torch', torch.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/gpu.txt"
 
 timeout 250 python3 scripts/bench_speed.py gpu --data-dir /tmp/cifar10 --out /tmp/fga-runs 2>&1 | tee "$OUT/speed.txt"
-timeout 300 python3 scripts/bench_quality.py --mode gpu --data-dir /tmp/cifar10 --cases 0,2 --strategies uniform,search \
-    --trials "${QUALITY_TRIALS:-8}" --epochs 1 --final-epochs 15 --device cuda --threads 16 --out /tmp/fga-quality \
-    --markdown "$OUT/results.md" 2>&1 | tee "$OUT/quality.txt"
+if [ "$QUALITY" = 1 ]; then
+    timeout 300 python3 scripts/bench_quality.py --mode gpu --data-dir /tmp/cifar10 --cases 0,2 --strategies uniform,search \
+        --trials "${QUALITY_TRIALS:-8}" --epochs 1 --final-epochs 15 --device cuda --threads 16 --out /tmp/fga-quality \
+        --markdown "$OUT/results.md" 2>&1 | tee "$OUT/quality.txt"
+fi
 echo "gpu_check done"
