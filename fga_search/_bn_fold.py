@@ -13,6 +13,7 @@ than once. A model that cannot be traced folds nothing.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Mapping
 
@@ -96,3 +97,19 @@ def fold_batchnorms(model: nn.Module, pairs: Mapping[str, str]) -> None:
         target.weight = nn.Parameter(weight * scale.reshape(-1, 1, 1, 1), requires_grad=weight.requires_grad)
         target.bias = nn.Parameter(shift, requires_grad=weight.requires_grad)
         _set_submodule(model, bn_name, nn.Identity())
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every foldable BN folded (``conv_bn_pairs``) and its FGA layers'
+    CPU executions rebuilt from the folded weights; ``model`` itself when no BN can be folded."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model
+    pairs = conv_bn_pairs(model)
+    if not pairs:
+        return model
+    folded = copy.deepcopy(model)
+    fold_batchnorms(folded, pairs)
+    for module in folded.modules():  # cached block-diagonal / dense weights, from the folded ones
+        if isinstance(module, FGAConv2d) and module.cpu_execution != "grouped":
+            module.set_cpu_execution(module.cpu_execution)
+    return folded

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._bn_fold import conv_bn_pairs, fold_batchnorms
+from ._bn_fold import conv_bn_pairs, fold_batchnorms, folded_copy
 from ._checkpoint import cpu_state_dict
 from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
 from ._errors import first_line
-from ._fga import FGAConv2d, with_cpu_execution
+from ._fga import with_cpu_execution
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency, write_onnx
 from ._runview import RunView, is_usable, read_run
@@ -470,11 +470,7 @@ def _choose_bn_fold(
     pairs = conv_bn_pairs(loaded)
     if not pairs:
         return None
-    folded = copy.deepcopy(loaded)
-    fold_batchnorms(folded, pairs)
-    for module in folded.modules():  # rebuild cached block-diagonal / dense weights from the folded ones
-        if isinstance(module, FGAConv2d) and module.cpu_execution != "grouped":
-            module.set_cpu_execution(module.cpu_execution)
+    folded = folded_copy(loaded)
     ms = measure_side_by_side(
         {"unfolded": loaded, "folded": folded},
         input_shape=input_shape,
@@ -687,8 +683,7 @@ def export(
         if latency_runs:
             folded_original = None
             if (spec.get("bn_fold") or {}).get("kept"):  # the original with its batch norms folded alike
-                folded_original = copy.deepcopy(setup.model).cpu().eval()
-                fold_batchnorms(folded_original, conv_bn_pairs(folded_original))
+                folded_original = folded_copy(copy.deepcopy(setup.model).cpu().eval())
             at_export = export_latency(
                 loaded,
                 setup.model,

@@ -511,14 +511,16 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     """Without a latency target, time each front member and the original on this CPU (batch 1,
     float32, eager PyTorch), side by side, so that the report shows FLOPs and latency side by side
     even for a FLOPs-only search. Latency does not depend on the weights: the plans' structures
-    are timed, each with the CPU execution its export would choose (``choose_cpu_execution``)."""
+    are timed, each with the CPU execution its export would choose (``choose_cpu_execution``) and
+    its batch norms folded, the original's alike (``as_deployed``)."""
     if setup.latency is not None or not front:
         return
     from ._cpu_execution import choose_cpu_execution
-    from .latency import Target, measure_side_by_side
+    from .latency import Target, as_deployed, measure_side_by_side
 
+    target = Target("cpu", None, 1, "float32", False)
     base = copy.deepcopy(setup.model).cpu().eval()
-    models = {"original": base}
+    models = {"original": as_deployed(base, target)}
     block_diagonal: dict[str, int] = {}
     dense: dict[str, int] = {}
     for row in front:
@@ -528,8 +530,7 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
         ways = list(chosen["layers"].values())
         block_diagonal[str(row["trial"])] = ways.count("block_diagonal")
         dense[str(row["trial"])] = ways.count("dense")
-        models[str(row["trial"])] = member
-    target = Target("cpu", None, 1, "float32", False)
+        models[str(row["trial"])] = as_deployed(member, target)
     ms = measure_side_by_side(
         models, input_shape=setup.data.input_shape, target=target, rounds=FRONT_LATENCY_RUNS // 10, repeats=10
     )
@@ -548,6 +549,7 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
             "trials": {str(row["trial"]): ms[str(row["trial"])] for row in front},
             "block_diagonal_layers": block_diagonal,  # grouped convs run block-diagonal (as exported)
             "dense_layers": dense,  # pairs folded into one dense conv (as exported)
+            "batch_norms": "folded into the convs before them, the original's alike (as exported)",
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )

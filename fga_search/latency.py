@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ._bn_fold import folded_copy
 from ._data import cache_dir
 from ._fga import FGAConv2d, with_cpu_execution
 from ._flops import ModelProfile
@@ -44,6 +45,7 @@ __all__ = [
     "LatencyStats",
     "LatencyTable",
     "Target",
+    "as_deployed",
     "block_diagonal_copy",
     "measure_as_exported",
     "measure_latency",
@@ -237,12 +239,20 @@ def block_diagonal_copy(module: nn.Module) -> nn.Module | None:
     return with_cpu_execution(module, "block_diagonal")
 
 
+def as_deployed(module: nn.Module, target: Target) -> nn.Module:
+    """``module`` as the export runs it on a CPU target: its batch norms folded into the convs
+    and FGA pairs before them (``fga_search._bn_fold``). Other targets: ``module`` itself."""
+    return folded_copy(module) if target.device == "cpu" else module
+
+
 def measure_side_by_side_as_exported(
     models: Mapping[str, nn.Module], *, input_shape: Sequence[int], target: Target, rounds: int = 5
 ) -> dict[str, float]:
-    """``measure_side_by_side``, where on a CPU target each model with FGA layers is also timed
-    with its grouped convs run block-diagonal, and the faster of its two timings counts."""
-    timed: dict[str, nn.Module] = dict(models)
+    """``measure_side_by_side``, each model as deployed (``as_deployed``: on a CPU target, batch
+    norms folded, the original's alike), where on a CPU target each model with FGA layers is also
+    timed with its grouped convs run block-diagonal, and the faster of its two timings counts."""
+    timed: dict[str, nn.Module] = {name: as_deployed(module, target) for name, module in models.items()}
+    models = dict(timed)
     alternative: dict[str, str] = {}
     for name, module in models.items():
         fast = block_diagonal_copy(module) if target.device == "cpu" else None
@@ -256,9 +266,11 @@ def measure_side_by_side_as_exported(
 def measure_as_exported(
     module: nn.Module, *, input_shape: Sequence[int], target: Target, repeats: int = 50, warmup: int = 10
 ) -> float:
-    """Median ms of ``module`` on ``target``. On a CPU target, a model with FGA layers is also
-    timed with its grouped convs run block-diagonal, side by side, and the faster counts: the
-    export runs each layer the faster way (``fga_search._cpu_execution``)."""
+    """Median ms of ``module`` on ``target``, as deployed (``as_deployed``). On a CPU target, a
+    model with FGA layers is also timed with its grouped convs run block-diagonal, side by side,
+    and the faster counts: the export runs each layer the faster way
+    (``fga_search._cpu_execution``)."""
+    module = as_deployed(module, target)
     fast = block_diagonal_copy(module) if target.device == "cpu" else None
     if fast is None:
         return measure_latency(
@@ -383,8 +395,12 @@ class LatencyModel:
         self.profile = profile
         self.table = table
         self.input_shape = profile.input_shape
+        # the original as deployed, like every model the search times (batch norms folded on CPUs)
         self.baseline = measure_latency(
-            model, input_shape=self.input_shape, target=table.target, repeats=repeats
+            as_deployed(model, table.target),
+            input_shape=self.input_shape,
+            target=table.target,
+            repeats=repeats,
         )
         self.dense = {
             info.name: table.measure(info, profile.in_hw[info.name], KEEP)

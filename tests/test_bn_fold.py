@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fga_search import FGAConv2d, build_model
-from fga_search._bn_fold import conv_bn_pairs, fold_batchnorms
+from fga_search._bn_fold import conv_bn_pairs, fold_batchnorms, folded_copy
 
 
 def _trained_bn(bn: nn.BatchNorm2d, seed: int) -> nn.BatchNorm2d:
@@ -116,3 +116,20 @@ def test_fold_refuses_pairs_the_model_does_not_hold() -> None:
     with pytest.raises(ValueError, match=r"bn_fold pairs '0' \(Conv2d\) with '2' \(ReLU\): not a conv"):
         fold_batchnorms(model, {"0": "2"})
     assert isinstance(model[1], nn.BatchNorm2d)  # nothing folded before the refusal
+
+
+def test_folded_copy_leaves_the_model_and_rebuilds_cpu_executions() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    pair = FGAConv2d.from_conv(conv, groups=2, rank=3)
+    pair.set_cpu_execution("block_diagonal")  # caches a weight built from the unfolded pointwise
+    model = nn.Sequential(pair, _trained_bn(nn.BatchNorm2d(16), seed=2), nn.ReLU()).eval()
+    folded = folded_copy(model)
+    assert folded is not model and isinstance(model[1], nn.BatchNorm2d)  # the model is untouched
+    assert isinstance(folded[1], nn.Identity) and folded[0].cpu_execution == "block_diagonal"
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert folded_copy(plain) is plain  # nothing to fold: no copy
+    assert folded_copy(_Untraceable()).bn is not None  # untraceable: as it is

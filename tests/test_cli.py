@@ -59,6 +59,7 @@ def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], h
     # no --target: the front and the original timed on the CPU after the search, side by side
     timed = json.loads((run / "front_latency.json").read_text())
     assert timed["batch"] == 1 and timed["runs"] == 30 and timed["original_ms"] > 0
+    assert timed["batch_norms"].startswith("folded into the convs before them, the original's alike")
     assert (
         sorted(timed["trials"])
         == sorted(timed["block_diagonal_layers"])

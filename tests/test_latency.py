@@ -267,3 +267,49 @@ def test_side_by_side_as_exported_reports_each_model_at_its_faster_execution(
         "p": 2.0,
     }
     assert seen == [["o", "p", "p, block-diagonal"]]  # the original has no FGA layer to run another way
+
+
+def test_models_are_timed_as_deployed_with_batch_norms_folded_on_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search times every model as the export runs it: on a CPU target with its batch norms
+    folded, the original's alike; the models it was given keep theirs."""
+    import torch
+
+    from fga_search import decompose
+    from fga_search.latency import LatencyStats, as_deployed, measure_side_by_side_as_exported
+
+    model = wide_cnn().eval()
+    fga = decompose(model, {"3": (2, 8)})
+    cpu, cuda = Target.parse("cpu:1"), Target("cuda", None, 1, "float32", False)
+    deployed = as_deployed(fga, cpu)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), fga(x), rtol=1e-4, atol=1e-4)
+    assert as_deployed(fga, cuda) is fga  # the export's fold is a CPU decision
+
+    def batch_norms(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+    seen: dict[str, int] = {}
+
+    def side_by_side(models: dict[str, nn.Module], **_: object) -> dict[str, float]:
+        seen.update({name: batch_norms(m) for name, m in models.items()})
+        return {name: 1.0 for name in models}
+
+    monkeypatch.setattr("fga_search.latency.measure_side_by_side", side_by_side)
+    measure_side_by_side_as_exported({"original": model, "fga": fga}, input_shape=(1, 8, 8), target=cpu)
+    assert seen == {"original": 0, "fga": 0, "fga, block-diagonal": 0}
+    assert batch_norms(model) == batch_norms(fga) == 3
+
+    baselines: list[int] = []
+
+    def latency(module: nn.Module, **_: object) -> LatencyStats:
+        baselines.append(batch_norms(module))
+        return LatencyStats(1.0, 1.0, 1.0, 1)
+
+    monkeypatch.setattr("fga_search.latency.measure_latency", latency)
+    profile = ModelProfile(model, input_shape=(1, 8, 8))
+    LatencyModel(model, profile, LatencyTable(cpu, path=str(tmp_path / "table.json")), repeats=1)
+    assert baselines[0] == 0  # the original's baseline, folded; then its layers alone (no BN)
