@@ -9,7 +9,10 @@
    and its accuracy;
 3. the best FLOPs-only model at budget 0.2: its latency ratio on the same target;
 4. batch-norm folding: the export folds BNs into the convs before them where measured faster;
-   each exported model is also timed against the original with its BNs folded alike.
+   each exported model is also timed against the original with its BNs folded alike (the search
+   itself times every model, and the original, with BNs folded on CPU targets);
+5. stability: the exported models re-timed against the folded original in --stability-blocks
+   more blocks, since these machines' speed drifts over minutes and the ratios with it.
 
 ``gpu`` (an H100/H200; run by scripts/gpu_check.sh), on the shared ResNet-56 and CIFAR-10,
 batch 512, bf16 autocast, channels_last:
@@ -202,6 +205,27 @@ def cpu(args: argparse.Namespace) -> None:
     print(f"  original: {ms['original+bnfold'] / base:.3f}")
     for label in runs:
         print(f"  {label}: {ms[label] / ms[f'{label}, BNs unfolded']:.3f}")
+    # these machines' speed drifts over minutes (the original at about 3.8 ms for a while, about
+    # 7 ms for another): the ratios move with it, so show them block by block
+    blocks = args.stability_blocks
+    print(
+        f"5. stability: {blocks} more blocks of {args.runs} runs each, side by side; per block the original's "
+        "ms and each exported model's ratio to the original with its BNs folded alike:"
+    )
+    pair = {"original+bnfold": models["original+bnfold"], **{label: models[label] for label in runs}}
+    per_block: dict[str, list[float]] = {label: [] for label in runs}
+    for i in range(blocks):
+        block = side_by_side(pair, shape=(3, 32, 32), target=target, runs=args.runs)
+        cells = []
+        for label in runs:
+            per_block[label].append(block[label] / block["original+bnfold"])
+            cells.append(f"{label} {per_block[label][-1]:.3f}")
+        print(f"  block {i + 1}: original+bnfold {block['original+bnfold']:.3f} ms; " + ", ".join(cells))
+    for label, ratios in per_block.items():
+        if ratios:
+            print(
+                f"  {label}: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, max {max(ratios):.3f}"
+            )
 
 
 def plain_loop(model: nn.Module, *, batch: int, steps: int, shape: tuple[int, ...]) -> float:
@@ -347,6 +371,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=0.05, help="fine-tuning epochs per CPU trial")
     parser.add_argument("--runs", type=int, default=100, help="latency runs per model (>= 50)")
     parser.add_argument("--latency-budget", type=float, default=0.6, help="CPU latency search budget")
+    parser.add_argument(
+        "--stability-blocks", type=int, default=5, help="cpu: blocks of --runs runs that re-time the exports"
+    )
     parser.add_argument("--gpu-trials", type=int, default=12)
     parser.add_argument("--gpu-latency-budget", type=float, default=1.0)
     parser.add_argument("--data-dir")
