@@ -313,3 +313,45 @@ def test_models_are_timed_as_deployed_with_batch_norms_folded_on_cpu(
     profile = ModelProfile(model, input_shape=(1, 8, 8))
     LatencyModel(model, profile, LatencyTable(cpu, path=str(tmp_path / "table.json")), repeats=1)
     assert baselines[0] == 0  # the original's baseline, folded; then its layers alone (no BN)
+
+
+def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared CPU's speed drifts: the trial's ratio comes from the original timed beside it,
+    not from the baseline measured when the search started."""
+    import dataclasses
+
+    from fga_search._config import RunConfig
+    from fga_search._setup import prepare
+    from fga_search._strategies import uniform_plan
+    from fga_search._trial import OverBudget, TrialRunner
+
+    setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, epochs=0), log=False)
+    timed: list[dict[str, nn.Module]] = []
+
+    def side_by_side(models: dict[str, nn.Module], **_: object) -> dict[str, float]:
+        timed.append(dict(models))
+        return {"original": 4.0, "trial": 2.0}
+
+    monkeypatch.setattr("fga_search._trial.measure_side_by_side_as_exported", side_by_side)
+    plan = uniform_plan(setup.profile, budget=0.5, groups=1)
+    for budget in (None, 0.4):
+        settings = dataclasses.replace(
+            setup.settings,
+            latency_target=Target.parse("cpu:1"),
+            latency_base_ms=1000.0,
+            max_latency_ratio=budget,
+        )
+        runner = TrialRunner(
+            model=setup.model, data=setup.data, normalization=setup.normalization, device=setup.device,
+            settings=settings, profile=setup.profile,
+        )  # fmt: skip
+        if budget is None:
+            out = runner.run(plan, seed=0)
+            assert out.latency_ms == 2.0 and out.latency_ratio == 0.5  # not 2.0 / 1000.0
+        else:
+            with pytest.raises(OverBudget, match=r"2\.000 ms is 0\.500 of the original's"):
+                runner.run(plan, seed=0)
+        assert set(timed[-1]) == {"original", "trial"} and timed[-1]["original"] is runner.model
+    assert len(timed) == 2
