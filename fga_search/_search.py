@@ -666,7 +666,7 @@ def run_search(config: RunConfig) -> SearchResult:
     """Prepare (checking every input before writing anything), then run or resume the search."""
     folder = RunFolder(config.out)
     folder.check_writable()
-    setup = prepare(config, log=not config.quiet)
+    setup = prepare(config, log=not config.quiet, latency_floor_check=not folder.exists())
     resuming = folder.check_new_or_matching(setup.identity())
     with _locked(folder):
         runner = make_runner(setup)

@@ -233,9 +233,14 @@ def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: 
         ) from None
 
 
-def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
+def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = True) -> SearchSetup:
     """Load and check the model, weights, data and space. Raises ``ValueError`` on bad input and
-    writes nothing (except the caches of decoded datasets and the quickstart model)."""
+    writes nothing (except the caches of decoded datasets and the quickstart model).
+
+    ``latency_floor_check=False`` skips refusing a latency budget below the fastest plan's
+    estimate: for a run that exists already (its export, its resumption), whose budget was
+    accepted when it was made. The estimate is a measurement, and a shared machine's speed
+    drifts: the same budget can look out of reach an hour later."""
     device = resolve_device(config.device)
     data = load_dataset(
         config.dataset,
@@ -291,7 +296,7 @@ def prepare(config: RunConfig, *, log: bool = True) -> SearchSetup:
                 f"latency on {target.hardware()}: {len(pinned)} layer(s) kept dense, every FGA candidate is slower",
                 file=sys.stderr,
             )
-        if config.budget_metric == "latency":
+        if config.budget_metric == "latency" and latency_floor_check:
             check_latency_budget(config.budget, latency, fastest, target)
     cost = CostModel(profile, config.budget_metric, latency=latency)
     if config.budget_metric != "latency":

@@ -170,6 +170,24 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
     assert "Latency on the target" in html and f"{len(lat['pinned_layers'])} layer(s) are kept dense" in html
     assert result.front == [] or result.front[0]["latency_ratio"] <= 0.9
 
+    # the machine drifts: the same budget now looks out of reach; the run exports and resumes anyway
+    from fga_search import export
+    from fga_search._setup import LatencyBudgetError
+
+    def refuse(*_: object) -> None:
+        raise LatencyBudgetError("--budget 0.9 of the latency is out of reach", floor=0.95)
+
+    monkeypatch.setattr("fga_search._setup.check_latency_budget", refuse)
+    again = search(out=str(run), model="helpers:wide_cnn", dataset="digits", budget=0.9, budget_metric="latency",
+                   objective="accuracy,flops,latency", target="cpu:2", target_batch=8, trials=8, epochs=0.5, quiet=True)  # fmt: skip
+    assert again.finished == 8 and len(rows(run / "trials.parquet")) == 8  # resumed: nothing to do
+    if result.best is not None:
+        exported = export(str(run), pick="best", out=str(tmp_path / "export"), latency_runs=0)
+        assert exported.spec["plan"] == json.loads(result.best["plan"])
+    with pytest.raises(LatencyBudgetError, match="out of reach"):  # a new run is still refused
+        search(out=str(tmp_path / "new"), model="helpers:wide_cnn", dataset="digits", budget=0.9,
+               budget_metric="latency", target="cpu:2", target_batch=8, trials=1, quiet=True)  # fmt: skip
+
 
 def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path) -> None:
     """A latency budget below the fastest plan of the space: a one-line error, exit code 2, and
