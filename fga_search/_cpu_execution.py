@@ -80,11 +80,11 @@ def choose_cpu_execution(
 ) -> dict[str, Any]:
     """Time each eligible FGA layer of ``model`` (on the CPU, batch 1, float32) every way it can
     run (grouped, block-diagonal, dense) and pick the fastest; then time the whole model as it was,
-    with those picks, and with every pair dense, side by side, and keep the fastest of the last two
-    only if it beats the first. Modifies ``model``; returns what was chosen and measured:
-    ``layers`` (name -> ``"block_diagonal"`` or ``"dense"``, the layers changed; empty if none was
-    kept), ``before_ms``, ``after_ms`` (the kept option, or the faster one), ``per_layer_ms``,
-    ``all_dense_ms`` and ``kept``. ``executions`` limits the ways tried (``"grouped"`` is always one)."""
+    with those picks, with every grouped conv block-diagonal and with every pair dense, side by
+    side, and keep the fastest of the last three only if it beats the first. Modifies ``model``;
+    returns what was chosen and measured: ``layers`` (name -> ``"block_diagonal"`` or ``"dense"``,
+    the layers changed; empty if none was kept), ``before_ms``, ``after_ms`` (the kept option, or
+    the fastest one), ``per_layer_ms``, ``all_block_diagonal_ms``, ``all_dense_ms`` and ``kept``. ``executions`` limits the ways tried (``"grouped"`` is always one)."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
     if isinstance(executions, str) or any(way not in CPU_EXECUTIONS for way in executions):
@@ -111,8 +111,18 @@ def choose_cpu_execution(
         if fastest != "grouped":
             chosen[name] = fastest
     # Layers cost more inside the model than alone, so the whole model decides, side by side:
-    # the per-layer picks, and every pair folded dense (about the original's time), if allowed.
+    # the per-layer picks, every grouped conv block-diagonal (what a trial's measurement takes
+    # when it is faster: the export must not lose it) and every pair folded dense (about the
+    # original's time), as far as allowed.
     options: dict[str, dict[str, str]] = {"after": chosen} if chosen else {}
+    if "block_diagonal" in executions:
+        block = {
+            name: "block_diagonal"
+            for name, layer in eligible.items()
+            if layer.can_run_block_diagonal and name in shapes
+        }
+        if block and block != chosen:
+            options["all block-diagonal"] = block
     if "dense" in executions:
         dense = {name: "dense" for name, layer in eligible.items() if layer.can_run_dense and name in shapes}
         if dense:
@@ -129,6 +139,7 @@ def choose_cpu_execution(
         before_ms=ms["before"],
         after_ms=ms[best],
         per_layer_ms=ms.get("after"),
+        all_block_diagonal_ms=ms.get("all block-diagonal"),
         all_dense_ms=ms.get("all dense"),
     )
     if ms[best] < ms["before"]:

@@ -60,30 +60,39 @@ def timer(ms: dict[str, float]) -> Any:
 
 
 PER_LAYER = {"0": "dense", "2": "block_diagonal", "4": "block_diagonal"}
+ALL_BLOCK_DIAGONAL = {"2": "block_diagonal", "4": "block_diagonal"}  # "0" (g = 1) stays grouped
 ALL_DENSE = {"0": "dense", "2": "dense", "4": "dense"}
 
 
 @pytest.mark.parametrize(
-    ("after", "all_dense", "kept"),
-    [(0.9, 0.95, PER_LAYER), (0.95, 0.9, ALL_DENSE), (1.1, 1.2, {}), (1.0, 1.0, {})],
+    ("after", "all_block", "all_dense", "kept"),
+    [
+        (0.9, 0.97, 0.95, PER_LAYER),
+        (0.95, 0.97, 0.9, ALL_DENSE),
+        (0.95, 0.9, 0.97, ALL_BLOCK_DIAGONAL),  # what a trial's measurement may have run
+        (1.1, 1.3, 1.2, {}),
+        (1.0, 1.0, 1.0, {}),
+    ],
 )
 def test_the_whole_model_decides(
-    monkeypatch: pytest.MonkeyPatch, after: float, all_dense: float, kept: dict[str, str]
+    monkeypatch: pytest.MonkeyPatch, after: float, all_block: float, all_dense: float, kept: dict[str, str]
 ) -> None:
     # per layer: block-diagonal fastest where it can run ("2", "4"), else dense ("0": g = 1)
     ms = {"grouped": 2.0, "block_diagonal": 1.0, "dense": 1.5, "before": 1.0, "after": after}
-    ms["all dense"] = all_dense
+    ms.update({"all block-diagonal": all_block, "all dense": all_dense})
     monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16))
     assert result["kept"] is bool(kept) and result["layers"] == kept
-    assert result["before_ms"] == 1.0 and result["after_ms"] == min(after, all_dense)
+    assert result["before_ms"] == 1.0 and result["after_ms"] == min(after, all_block, all_dense)
     assert result["per_layer_ms"] == after and result["all_dense_ms"] == all_dense
+    assert result["all_block_diagonal_ms"] == all_block
     assert executions(model) == {"0": "grouped", "2": "grouped", "4": "grouped", **kept}
 
 
 def test_dense_is_chosen_where_it_is_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
     ms = {"grouped": 2.0, "block_diagonal": 1.5, "dense": 1.0, "before": 1.0, "after": 0.5, "all dense": 0.6}
+    ms["all block-diagonal"] = 0.7
     monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     x = torch.randn(2, 3, 16, 16)
@@ -100,17 +109,26 @@ def test_dense_is_chosen_where_it_is_fastest(monkeypatch: pytest.MonkeyPatch) ->
 def test_layers_faster_grouped_alone_can_still_run_dense(
     monkeypatch: pytest.MonkeyPatch, all_dense: float, kept: dict[str, str]
 ) -> None:
-    # no layer is faster another way alone; the whole model folded dense is tried all the same
+    # no layer is faster another way alone; the whole model folded dense, or block-diagonal, is
+    # tried all the same
     ms = {"grouped": 1.0, "block_diagonal": 2.0, "dense": 1.5, "before": 1.0, "all dense": all_dense}
+    ms["all block-diagonal"] = 1.2
     monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16))
     assert result["layers"] == kept and result["kept"] is bool(kept) and result["candidates"] == 3
     assert result["per_layer_ms"] is None and result["all_dense_ms"] == all_dense
-    # without the dense way there is nothing left to try
-    model = decompose(cnn(12), PLAN)
-    result = choose_cpu_execution(model, input_shape=(3, 16, 16), executions=("grouped", "block_diagonal"))
-    assert result == {"layers": {}, "candidates": 2, "kept": False, "runs": 50}
+    # without the dense way, every grouped conv block-diagonal is left to try
+    for all_block, chosen in ((1.2, {}), (0.8, ALL_BLOCK_DIAGONAL)):
+        ms["all block-diagonal"] = all_block
+        model = decompose(cnn(12), PLAN)
+        result = choose_cpu_execution(
+            model, input_shape=(3, 16, 16), executions=("grouped", "block_diagonal")
+        )
+        assert result["layers"] == chosen and result["candidates"] == 2 and result["all_dense_ms"] is None
+        assert result["all_block_diagonal_ms"] == all_block and executions(model) == {
+            "0": "grouped", "2": "grouped", "4": "grouped", **chosen
+        }  # fmt: skip
     assert choose_cpu_execution(cnn(12), input_shape=(3, 16, 16))["candidates"] == 0  # no FGA layer
 
 
