@@ -99,12 +99,14 @@ def fold_batchnorms(model: nn.Module, pairs: Mapping[str, str]) -> None:
         _set_submodule(model, bn_name, nn.Identity())
 
 
-def folded_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every foldable BN folded (``conv_bn_pairs``) and its FGA layers'
-    CPU executions rebuilt from the folded weights; ``model`` itself when no BN can be folded."""
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return model
-    pairs = conv_bn_pairs(model)
+def folded_copy(model: nn.Module, pairs: Mapping[str, str] | None = None) -> nn.Module:
+    """A copy of ``model`` with the BNs of ``pairs`` folded (default: every foldable one,
+    ``conv_bn_pairs``) and its FGA layers' CPU executions rebuilt from the folded weights;
+    ``model`` itself when no BN can be folded."""
+    if pairs is None:
+        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            return model
+        pairs = conv_bn_pairs(model)
     if not pairs:
         return model
     folded = copy.deepcopy(model)

@@ -84,7 +84,8 @@ def choose_cpu_execution(
     side, and keep the fastest of the last three only if it beats the first. Modifies ``model``;
     returns what was chosen and measured: ``layers`` (name -> ``"block_diagonal"`` or ``"dense"``,
     the layers changed; empty if none was kept), ``before_ms``, ``after_ms`` (the kept option, or
-    the fastest one), ``per_layer_ms``, ``all_block_diagonal_ms``, ``all_dense_ms`` and ``kept``. ``executions`` limits the ways tried (``"grouped"`` is always one)."""
+    the fastest one), ``per_layer_ms``, ``all_block_diagonal_ms``, ``all_dense_ms`` and ``kept``.
+    ``executions`` limits the ways tried (``"grouped"`` is always one)."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
     if isinstance(executions, str) or any(way not in CPU_EXECUTIONS for way in executions):

@@ -470,7 +470,7 @@ def _choose_bn_fold(
     pairs = conv_bn_pairs(loaded)
     if not pairs:
         return None
-    folded = folded_copy(loaded)
+    folded = folded_copy(loaded, pairs)
     ms = measure_side_by_side(
         {"unfolded": loaded, "folded": folded},
         input_shape=input_shape,

@@ -251,10 +251,10 @@ def measure_side_by_side_as_exported(
     """``measure_side_by_side``, each model as deployed (``as_deployed``: on a CPU target, batch
     norms folded, the original's alike), where on a CPU target each model with FGA layers is also
     timed with its grouped convs run block-diagonal, and the faster of its two timings counts."""
-    timed: dict[str, nn.Module] = {name: as_deployed(module, target) for name, module in models.items()}
-    models = dict(timed)
+    deployed = {name: as_deployed(module, target) for name, module in models.items()}
+    timed: dict[str, nn.Module] = dict(deployed)
     alternative: dict[str, str] = {}
-    for name, module in models.items():
+    for name, module in deployed.items():
         fast = block_diagonal_copy(module) if target.device == "cpu" else None
         if fast is not None:
             alternative[name] = f"{name}, block-diagonal"

@@ -47,7 +47,7 @@ from torch import nn
 
 from _bench_common import checkpoint, cifar_dir
 from fga_search import ModelProfile, build_model, export, load_exported
-from fga_search._bn_fold import conv_bn_pairs, fold_batchnorms
+from fga_search._bn_fold import folded_copy
 from fga_search._config import RunConfig
 from fga_search._cost import CostModel
 from fga_search._search import run_search
@@ -70,13 +70,6 @@ def side_by_side(
 ) -> dict[str, float]:
     """Median latency of each model, interleaved round by round so that drift hits all alike."""
     return measure_side_by_side(models, input_shape=shape, target=target, rounds=max(1, runs // 10))
-
-
-def fold_bn(model: nn.Module) -> nn.Module:
-    """A copy with its batch norms folded into the convs before them, as the export folds them."""
-    folded = copy.deepcopy(model).eval()
-    fold_batchnorms(folded, conv_bn_pairs(folded))
-    return folded
 
 
 def lut_accuracy(name: str, weights: str, target: Target, runs: int) -> None:
@@ -183,7 +176,7 @@ def cpu(args: argparse.Namespace) -> None:
     for label, (_, ex, _) in runs.items():
         models[label] = load_exported(ex.out)  # batch norms folded where the export measured it faster
         models[f"{label}, BNs unfolded"] = load_exported(ex.out, fold_batchnorm=False)
-    models["original+bnfold"] = fold_bn(original)
+    models["original+bnfold"] = folded_copy(original.eval())  # as the export folds them
     ms = side_by_side(models, shape=(3, 32, 32), target=target, runs=args.runs)
     base = ms["original"]
     print(
