@@ -215,8 +215,9 @@ class _Space:
         prop = setup.propose(setup.space.to_plan(params))
         record = proposal_record(setup, prop, number=trial.number, backend="ray")
         record["source"] = trial.user_attrs.get("source", "sampler")
-        if "alloc_weights" in trial.user_attrs:
-            record["alloc_weights"] = trial.user_attrs["alloc_weights"]
+        for key in ("alloc_weights", "alloc_slack"):
+            if key in trial.user_attrs:
+                record[key] = trial.user_attrs[key]
         trial.set_user_attr("record", record)
         set_budget_constraint(trial, prop.constraint)
         return {"number": trial.number, **record}

@@ -35,7 +35,7 @@ from ._progress import Progress
 from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import Proposal, SearchSetup, make_runner, prepare
-from ._strategies import error_alloc_plan, grow_ranks, mutate_weights, strategy_plans
+from ._strategies import alloc_slack, error_alloc_plan, grow_ranks, mutate_weights, strategy_plans
 from ._study import (
     count_finished,
     make_sampler,
@@ -128,8 +128,10 @@ def enqueue_initial_plans(setup: SearchSetup, study: optuna.Study) -> None:
     parent for mutations (its allocation weights are all 1)."""
     for label, plan in initial_plans(setup):
         attrs: dict[str, Any] = {"source": label}
-        if label.startswith("error-alloc at 100%"):
+        slack = alloc_slack(label)
+        if slack is not None:
             attrs["alloc_weights"] = {}  # equal error thresholds: a parent for mutations
+            attrs["alloc_slack"] = slack
         study.enqueue_trial(setup.space.to_params(plan), user_attrs=attrs)
 
 
@@ -150,16 +152,17 @@ def maybe_enqueue_mutation(
         return
     move = propose_mutation(setup, rows, rng)
     if move is not None:
-        label, plan, weights = move
+        label, plan, weights, slack = move
         attrs: dict[str, Any] = {"source": label}
         if weights is not None:
             attrs["alloc_weights"] = weights
+            attrs["alloc_slack"] = slack
         study.enqueue_trial(setup.space.to_params(plan), user_attrs=attrs)
 
 
 def propose_mutation(
     setup: SearchSetup, rows: list[dict[str, Any]], rng: random.Random
-) -> tuple[str, Plan, dict[str, float] | None] | None:
+) -> tuple[str, Plan, dict[str, float] | None, float] | None:
     """A local move from the most accurate trial on the front.
 
     If it came from an error allocation, its per-layer error thresholds are perturbed and the
@@ -173,16 +176,22 @@ def propose_mutation(
     parent = max(front, key=lambda r: r["val_acc"])
     label = f"mutation of trial {parent['trial']}"
     if not isinstance(parent.get("alloc_weights"), dict):
-        return label, grow_ranks(setup.space, load_plan(parent["plan"]), rng=rng), None
+        return label, grow_ranks(setup.space, load_plan(parent["plan"]), rng=rng), None, 0.0
     names = [layer.name for layer in setup.space.layers]
     weights = mutate_weights(parent["alloc_weights"], names=names, rng=rng)
+    slack = float(parent.get("alloc_slack") or 0.0)
     scale = rng.uniform(*SPREAD_SCALES) if rng.random() < SPREAD_RATE else 1.0
     plan = error_alloc_plan(
-        setup.space, setup.cost, setup.spectra, budget=setup.config.budget * scale, weights=weights
+        setup.space,
+        setup.cost,
+        setup.spectra,
+        budget=setup.config.budget * scale,
+        weights=weights,
+        slack=slack,
     )
     if plan is None:
         return None
-    return (label if scale == 1.0 else f"{label} at {scale:.0%} of the budget"), plan, weights
+    return (label if scale == 1.0 else f"{label} at {scale:.0%} of the budget"), plan, weights, slack
 
 
 def objective_values(config: RunConfig, accuracy: float, record: dict[str, Any]) -> list[float]:
@@ -364,8 +373,9 @@ class _OptunaSearch:
         number = requeued if requeued is not None else trial.number
         record = proposal_record(setup, prop, number=number, backend="optuna")
         record["source"] = trial.user_attrs.get("source", "requeued" if requeued is not None else "sampler")
-        if "alloc_weights" in trial.user_attrs:
-            record["alloc_weights"] = trial.user_attrs["alloc_weights"]
+        for key in ("alloc_weights", "alloc_slack"):
+            if key in trial.user_attrs:
+                record[key] = trial.user_attrs[key]
         trial.set_user_attr("record", record)  # one write: each is a database commit
         set_budget_constraint(trial, prop.constraint)
         return trial, record, prop

@@ -7,14 +7,18 @@
   The relative approximation error of every layer, group count and rank follows from the trained
   weights' singular values; bisection finds the smallest common error threshold for which the
   cheapest choice of every layer under it fits the budget (the budget's own metric: FLOPs,
-  parameters or latency). This minimises the largest per-layer error.
+  parameters or latency). This minimises the largest per-layer error. With a cost slack (the
+  search's variant, never the baseline's), each layer takes, among its choices under the
+  threshold that cost at most (1 + slack) times the cheapest, the one with the smallest error.
 * ``blend``: per-layer mixtures of two plans, repaired into the budget.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import random
+import re
 from collections.abc import Callable, Collection, Mapping
 
 from ._cost import CostModel
@@ -26,7 +30,10 @@ from ._space import LayerSpace, ResolvedSpace
 from ._spectra import SpectralTable
 
 __all__ = [
+    "SEARCH_SLACKS",
     "STRATEGIES",
+    "alloc_label",
+    "alloc_slack",
     "blend",
     "error_alloc_plan",
     "grow_ranks",
@@ -145,6 +152,45 @@ def uniform_space_plan(
     return plan_at(lo)
 
 
+_ErrorTable = list[tuple[int, int, int, list[float]]]  # (g, lowest rank, highest rank, -errors²)
+
+
+def _error_table(layer: LayerSpace, spectra: SpectralTable) -> _ErrorTable:
+    """Per group count of ``layer``: its allowed ranks and squared relative errors by rank,
+    negated so that bisect finds the smallest rank at or under a threshold."""
+    return [(g, *_rank_range(layer, g), [-e for e in spectra.error2(layer.name, g)]) for g in layer.groups]
+
+
+def _choice(
+    layer: LayerSpace, table: _ErrorTable, eps: float, *, cost: CostModel, slack: float
+) -> tuple[float, tuple[int, int] | str]:
+    """A layer's (cost, choice) under the error threshold ``eps``: the cheapest choice, or with
+    ``slack`` > 0 the smallest error among those that cost at most ``1 + slack`` times it."""
+    keep = cost.layer(layer.name, KEEP)
+    best: tuple[float, tuple[int, int] | str] = (keep, KEEP)
+    first: _ErrorTable = []  # (g, smallest rank under eps, hi, errors)
+    for g, lo, hi, neg_err in table:
+        r = max(lo, bisect.bisect_left(neg_err, -(eps * eps)))
+        if r <= hi:
+            first.append((g, r, hi, neg_err))
+            c = cost.layer(layer.name, (g, r))
+            if c < best[0]:
+                best = (c, (g, r))
+    if slack == 0.0 or best[1] == KEEP:
+        return best
+    bound = best[0] * (1.0 + slack)
+    if keep <= bound:
+        return keep, KEEP
+    least: tuple[float, tuple[float, tuple[int, int] | str]] = (math.inf, best)
+    for g, r, hi, neg_err in first:
+        while r <= hi and (c := cost.layer(layer.name, (g, r))) <= bound:
+            err = -neg_err[min(r, len(neg_err) - 1)]
+            if err < least[0]:
+                least = (err, (c, (g, r)))
+            r += 1
+    return least[1]
+
+
 def error_alloc_plan(
     space: ResolvedSpace,
     cost: CostModel,
@@ -152,35 +198,26 @@ def error_alloc_plan(
     *,
     budget: float,
     weights: Mapping[str, float] | None = None,
+    slack: float = 0.0,
 ) -> Plan | None:
     """Minimise the largest per-layer relative weight error subject to the budget (see module doc).
 
     ``weights`` scale each layer's error threshold (default 1: equal errors); the search's
-    mutations move them. None if even the cheapest choice of every searched layer does not fit."""
+    mutations move them. ``slack`` > 0: a layer takes, among its choices under the threshold
+    that cost at most ``1 + slack`` times the cheapest, the one with the smallest error (the
+    cheapest choice sits just under the threshold; a few percent more cost often buys a much
+    smaller error). None if even the cheapest choice of every searched layer does not fit."""
+    if not (slack >= 0.0 and math.isfinite(slack)):
+        raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
     limit = budget * cost.base
     outside = cost.total({}) - sum(cost.layer(layer.name, KEEP) for layer in space.layers)
-    # per layer and group count: the allowed ranks and the squared errors by rank, negated so
-    # that bisect finds the smallest rank at or under a threshold
-    tables = [
-        [(g, *_rank_range(layer, g), [-e for e in spectra.error2(layer.name, g)]) for g in layer.groups]
-        for layer in space.layers
-    ]
-
-    def choice(layer: LayerSpace, table: list, eps: float) -> tuple[float, tuple[int, int] | str]:  # type: ignore[type-arg]
-        eps *= weights.get(layer.name, 1.0) if weights else 1.0
-        best: tuple[float, tuple[int, int] | str] = (cost.layer(layer.name, KEEP), KEEP)
-        for g, lo, hi, neg_err in table:
-            r = max(lo, bisect.bisect_left(neg_err, -(eps * eps)))
-            if r <= hi:
-                c = cost.layer(layer.name, (g, r))
-                if c < best[0]:
-                    best = (c, (g, r))
-        return best
+    tables = [_error_table(layer, spectra) for layer in space.layers]
 
     def plan_for(eps: float) -> tuple[float, Plan]:
         total, plan = outside, {}
         for layer, table in zip(space.layers, tables):
-            c, ch = choice(layer, table, eps)
+            scaled = eps * (weights.get(layer.name, 1.0) if weights else 1.0)
+            c, ch = _choice(layer, table, scaled, cost=cost, slack=slack)
             total += c
             plan[layer.name] = ch
         return total, plan
@@ -241,6 +278,26 @@ def blend(
     return repair(plan, cost=cost, spectra=spectra, space=space, budget=budget)
 
 
+SEARCH_SLACKS = (0.05, 0.1)  # the search's error allocations that trade cost for error (fractions)
+_ALLOC_LABEL = re.compile(r"error-alloc(?: with (\d+)% cost slack)? at 100% of the budget$")
+
+
+def alloc_label(scale: float, slack: float) -> str:
+    """The label of an error allocation at ``scale`` of the budget (``slack``: see
+    :func:`error_alloc_plan`)."""
+    extra = f" with {slack:.0%} cost slack" if slack else ""
+    return f"error-alloc{extra} at {scale:.0%} of the budget"
+
+
+def alloc_slack(label: str) -> float | None:
+    """The cost slack of an error allocation at the full budget, from its label; None for any
+    other plan. Such allocations are the parents of the search's mutations."""
+    match = _ALLOC_LABEL.match(label)
+    if match is None:
+        return None
+    return int(match.group(1)) / 100 if match.group(1) else 0.0
+
+
 def strategy_plans(
     strategy: str,
     *,
@@ -275,9 +332,9 @@ def strategy_plans(
             out.append((f"uniform per-stage group size at {scale:.0%} of the budget", plan))
         return out
 
-    def allocs(scale: float) -> list[tuple[str, Plan]]:
-        plan = error_alloc_plan(space, cost, spectra, budget=budget * scale)
-        return [] if plan is None else [(f"error-alloc at {scale:.0%} of the budget", plan)]
+    def allocs(scale: float, slack: float = 0.0) -> list[tuple[str, Plan]]:
+        plan = error_alloc_plan(space, cost, spectra, budget=budget * scale, slack=slack)
+        return [] if plan is None else [(alloc_label(scale, slack), plan)]
 
     out: list[tuple[str, Plan]] = []
     if strategy == "random":
@@ -300,7 +357,9 @@ def strategy_plans(
 
         seeds = sorted(uniforms(1.0), key=lambda item: mean_error(item[1]))
         alloc = allocs(1.0)
-        out += alloc + seeds
+        slacked = [item for slack in SEARCH_SLACKS for item in allocs(1.0, slack)]
+        # the allocation, its lowest-error variant, the best uniform plan, then the rest
+        out += alloc + slacked[:1] + seeds[:1] + slacked[1:] + seeds[1:]
         if alloc:
             for i, (label, plan) in enumerate(seeds):
                 mixed = blend(

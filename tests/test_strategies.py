@@ -9,6 +9,9 @@ from fga_search._cost import CostModel
 from fga_search._space import load_space
 from fga_search._spectra import SpectralTable
 from fga_search._strategies import (
+    SEARCH_SLACKS,
+    alloc_label,
+    alloc_slack,
     error_alloc_plan,
     grow_ranks,
     mutate_weights,
@@ -72,6 +75,49 @@ def test_error_alloc_weights_move_rank_between_layers(parts) -> None:  # type: i
     assert len(changed) == 3 and set(changed.values()) <= {0.8, 1.25}
 
 
+@pytest.mark.parametrize("slack", [0.05, 0.1, 0.3])
+def test_error_alloc_with_slack_takes_the_smallest_error_near_the_cheapest(parts, slack: float) -> None:  # type: ignore[no-untyped-def]
+    from fga_search._strategies import _choice, _error_table, _rank_range
+
+    _, space, cost, spectra = parts
+    base = error_alloc_plan(space, cost, spectra, budget=0.2)
+    assert error_alloc_plan(space, cost, spectra, budget=0.2, slack=0.0) == base
+    plan = error_alloc_plan(space, cost, spectra, budget=0.2, slack=slack)
+    assert plan is not None and base is not None and 0.18 <= cost.ratio(plan) <= 0.2 and plan != base
+    # each layer, at several thresholds: among the choices under the threshold that cost at most
+    # (1 + slack) times the cheapest one, the one with the smallest error
+    checked = 0
+    for layer in space.layers:
+        table = _error_table(layer, spectra)
+        for eps in (0.3, 0.5, 0.7, 0.9):
+            options = [(cost.layer(layer.name, KEEP), 0.0, KEEP)] + [
+                (cost.layer(layer.name, (g, r)), spectra.relative_error(layer.name, g, r), (g, r))
+                for g in layer.groups
+                for r in range(_rank_range(layer, g)[0], _rank_range(layer, g)[1] + 1)
+                if spectra.relative_error(layer.name, g, r) <= eps
+            ]
+            cheapest = min(options)
+            near = [o for o in options if o[0] <= cheapest[0] * (1 + slack)]
+            c, chosen = _choice(layer, table, eps, cost=cost, slack=slack)
+            c0, chosen0 = _choice(layer, table, eps, cost=cost, slack=0.0)  # the cheapest (ties: any)
+            assert c0 == cheapest[0] and (c0, chosen0) in [o[::2] for o in options]
+            err = 0.0 if chosen == KEEP else spectra.relative_error(layer.name, *chosen)
+            assert (c, chosen) in [o[::2] for o in near] and err == min(e for _, e, _ in near)
+            checked += chosen != chosen0
+    assert checked > 0  # the slack changed some choices
+    with pytest.raises(ValueError, match="slack must be a finite number >= 0, got -0.1"):
+        error_alloc_plan(space, cost, spectra, budget=0.2, slack=-0.1)
+
+
+def test_alloc_labels_name_the_mutation_parents() -> None:
+    assert alloc_label(1.0, 0.0) == "error-alloc at 100% of the budget"
+    assert alloc_label(0.95, 0.05) == "error-alloc with 5% cost slack at 95% of the budget"
+    assert alloc_slack(alloc_label(1.0, 0.0)) == 0.0
+    assert [alloc_slack(alloc_label(1.0, s)) for s in SEARCH_SLACKS] == list(SEARCH_SLACKS)
+    assert alloc_slack(alloc_label(0.95, 0.05)) is None  # below the budget: not a parent
+    assert alloc_slack("uniform g=4 at 100% of the budget") is None
+
+
 def test_grow_ranks_raises_three_layers_then_repair_restores_the_budget(parts) -> None:  # type: ignore[no-untyped-def]
     from fga_search._repair import repair
 
@@ -99,7 +145,19 @@ def test_strategy_plans(parts) -> None:  # type: ignore[no-untyped-def]
     alloc = strategy_plans("error-alloc", space=space, cost=cost, spectra=spectra, budget=0.2, count=4)
     assert [label for label, _ in alloc] == [f"error-alloc at {p}% of the budget" for p in (100, 95, 90, 85)]
     warm = strategy_plans("search", space=space, cost=cost, spectra=spectra, budget=0.2, count=20)
-    assert warm[0][0] == "error-alloc at 100% of the budget"
+    labels = [label for label, _ in warm]
+    # the allocation, its lowest-error variant, the uniform plan of the smallest mean error, ...
+    assert labels[:2] == [
+        "error-alloc at 100% of the budget",
+        "error-alloc with 5% cost slack at 100% of the budget",
+    ]
+    assert (
+        labels[2].startswith("uniform")
+        and labels[3] == "error-alloc with 10% cost slack at 100% of the budget"
+    )
+    full = strategy_plans("uniform", space=space, cost=cost, spectra=spectra, budget=0.2, count=50)
+    at_budget = {label for label, _ in full if label.endswith("at 100% of the budget")}
+    assert {label for label in labels if label.startswith("uniform")} == at_budget
     assert any(label.startswith("blend of") for label, _ in warm)
     assert len({tuple(sorted(p.items())) for _, p in warm}) == len(warm)  # no duplicates
     assert strategy_plans("random", space=space, cost=cost, spectra=spectra, budget=0.2, count=5) == []
@@ -113,8 +171,13 @@ def test_search_is_warm_started_and_mutates(tmp_path, monkeypatch: pytest.Monkey
     search(out=str(tmp_path / "run"), budget=0.3, trials=12, epochs=0.0, quiet=True)
     trials = rows(tmp_path / "run" / "trials.parquet")
     sources = [r["source"] for r in trials]
-    assert sources[0] == "error-alloc at 100% of the budget"
-    assert all(s.startswith("uniform") for s in sources[1:3])  # a quarter of 12 trials: 3 seeds
+    # a quarter of 12 trials: the allocation, the best uniform plan and the 10 % slack variant
+    # (on this small model the 5 % variant is the allocation itself, dropped as a duplicate)
+    assert sources[:3] == [
+        "error-alloc at 100% of the budget",
+        "uniform g=1 at 100% of the budget",
+        "error-alloc with 10% cost slack at 100% of the budget",
+    ]
     assert any(s.startswith("mutation of trial") for s in sources[3:])
     assert all(r["flops_ratio"] <= 0.3 for r in trials if r["within_budget"])
     uniform = tmp_path / "uniform"
