@@ -120,6 +120,9 @@ def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:
 
 MUTATION_RATE = 0.9  # share of the search's own proposals that mutate the best allocation so far
 SPREAD_RATE = 0.2  # share of mutations re-allocated below the budget, to fill the front
+SLACK_MOVE_RATE = 0.5  # share of the moves from a slack allocation that move its slack instead
+SLACK_STEP = (0.7, 1.5)  # the factor of such a move, drawn uniformly
+SLACK_RANGE = (0.02, 0.3)  # the slack it stays in
 SPREAD_SCALES = (0.5, 0.95)  # their budget scale, drawn uniformly (fraction of the budget)
 
 
@@ -165,8 +168,9 @@ def propose_mutation(
 ) -> tuple[str, Plan, dict[str, float] | None, float] | None:
     """A local move from the most accurate trial on the front.
 
-    If it came from an error allocation, its per-layer error thresholds are perturbed and the
-    plan is re-allocated at the budget, or (a share SPREAD_RATE of the moves) at a fraction of
+    If it came from an error allocation, its per-layer error thresholds are perturbed (or, for
+    a share SLACK_MOVE_RATE of the moves from an allocation with a cost slack, that slack) and
+    the plan is re-allocated at the budget, or (a share SPREAD_RATE of the moves) at a fraction of
     it, so that the front spans the costs. Otherwise (a uniform plan, a blend, a sampler's
     plan) three of its layers get a quarter more rank and the repair takes the cost back from
     the layers where it loses the least approximation quality."""
@@ -178,8 +182,12 @@ def propose_mutation(
     if not isinstance(parent.get("alloc_weights"), dict):
         return label, grow_ranks(setup.space, load_plan(parent["plan"]), rng=rng), None, 0.0
     names = [layer.name for layer in setup.space.layers]
-    weights = mutate_weights(parent["alloc_weights"], names=names, rng=rng)
     slack = float(parent.get("alloc_slack") or 0.0)
+    if slack > 0 and rng.random() < SLACK_MOVE_RATE:
+        weights = {name: float(parent["alloc_weights"].get(name, 1.0)) for name in names}
+        slack = min(SLACK_RANGE[1], max(SLACK_RANGE[0], slack * rng.uniform(*SLACK_STEP)))
+    else:
+        weights = mutate_weights(parent["alloc_weights"], names=names, rng=rng)
     scale = rng.uniform(*SPREAD_SCALES) if rng.random() < SPREAD_RATE else 1.0
     plan = error_alloc_plan(
         setup.space,

@@ -1,11 +1,11 @@
 """Search quality: every strategy at the same trial count and fine-tuning budget, side by side.
 
 Strategies (``--strategy`` of fga-search): ``uniform``, ``error-alloc``, ``random`` and ``search``
-(warm-started from the uniform and error-allocation plans, then mostly mutations of the best
-allocation, the rest NSGA-II). Cases: the shared ResNet-56 at budgets 0.2 and 0.35 of the
-FLOPs, and the shared VGG-16 at 0.2. For each, prints the best
-validation accuracy within budget, its test accuracy, the hypervolume of the front (reference
-point: 0 accuracy, FLOPs ratio 1) and the wall time.
+(warm-started from the uniform and error-allocation plans and the allocation's cost-slack
+variants, then mostly mutations of the best allocation, the rest NSGA-II). Cases: the shared
+ResNet-56 at budgets 0.2 and 0.35 of the FLOPs, and the shared VGG-16 at 0.2. For each, prints
+the best validation accuracy within budget, its test accuracy, the hypervolume of the front
+(reference point: 0 accuracy, FLOPs ratio 1) and the wall time.
 
 Two modes:
 

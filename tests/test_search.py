@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -109,3 +111,54 @@ def test_trials_evaluate_in_batches_sized_for_the_device(tmp_path: Path) -> None
     assert setup.device.type == "cpu"
     assert setup.settings.eval_batch == 256
     assert not (tmp_path / "run").exists()  # preparing writes no run folder
+
+
+def test_mutations_of_a_slack_allocation_move_its_slack_or_its_thresholds(tmp_path: Path) -> None:
+    import random
+
+    from fga_search._config import RunConfig
+    from fga_search._search import SLACK_RANGE, SLACK_STEP, propose_mutation
+    from fga_search._setup import prepare
+    from fga_search._strategies import error_alloc_plan
+
+    setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.3), log=False)
+    parent_plan = error_alloc_plan(setup.space, setup.cost, setup.spectra, budget=0.3, slack=0.1)
+    assert parent_plan is not None
+    parent = {"trial": 4, "state": "COMPLETE", "status": "ok", "within_budget": True, "val_acc": 0.9,
+              "flops_ratio": setup.cost.ratio(parent_plan), "plan": json.dumps(parent_plan),
+              "alloc_weights": {}, "alloc_slack": 0.1}  # fmt: skip
+    names = {layer.name for layer in setup.space.layers}
+    moves = [propose_mutation(setup, [parent], random.Random(i)) for i in range(40)]
+    slack_moves = weight_moves = 0
+    for move in moves:
+        assert move is not None
+        label, plan, weights, slack = move
+        assert label.startswith("mutation of trial 4") and weights is not None and set(weights) == names
+        if slack != 0.1:  # the slack moved, the thresholds stayed
+            slack_moves += 1
+            assert all(w == 1.0 for w in weights.values())
+            assert (
+                max(SLACK_RANGE[0], 0.1 * SLACK_STEP[0]) <= slack <= min(SLACK_RANGE[1], 0.1 * SLACK_STEP[1])
+            )
+        else:  # three thresholds moved, the slack stayed
+            weight_moves += 1
+            assert sorted(w for w in weights.values() if w != 1.0) in (
+                [0.8] * 3,
+                [0.8] * 2 + [1.25],
+                [0.8] + [1.25] * 2,
+                [1.25] * 3,
+            )
+        if label == "mutation of trial 4":  # re-allocated at the budget
+            assert plan == error_alloc_plan(
+                setup.space, setup.cost, setup.spectra, budget=0.3, weights=weights, slack=slack
+            )
+        else:  # one move in five: below it, so that the front spans the costs
+            assert re.fullmatch(r"mutation of trial 4 at \d+% of the budget", label)
+            assert setup.cost.ratio(plan) <= 0.3 * 0.955
+    assert slack_moves >= 10 and weight_moves >= 10  # half and half, drawn
+    # a parent with no slack (the plain allocation) only moves its thresholds
+    plain = {**parent, "alloc_slack": 0.0}
+    assert all(
+        m is not None and m[3] == 0.0
+        for m in (propose_mutation(setup, [plain], random.Random(i)) for i in range(10))
+    )
