@@ -46,6 +46,7 @@ from ._runfolder import RunFolder
 from ._search import (
     REPORT_EVERY,
     SearchResult,
+    alloc_attrs,
     best_row,
     enqueue_initial_plans,
     finalize,
@@ -215,9 +216,7 @@ class _Space:
         prop = setup.propose(setup.space.to_plan(params))
         record = proposal_record(setup, prop, number=trial.number, backend="ray")
         record["source"] = trial.user_attrs.get("source", "sampler")
-        for key in ("alloc_weights", "alloc_slack"):
-            if key in trial.user_attrs:
-                record[key] = trial.user_attrs[key]
+        record.update(alloc_attrs(trial.user_attrs))
         trial.set_user_attr("record", record)
         set_budget_constraint(trial, prop.constraint)
         return {"number": trial.number, **record}

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +124,13 @@ SLACK_MOVE_RATE = 0.5  # share of the moves from a slack allocation that move it
 SLACK_STEP = (0.7, 1.5)  # the factor of such a move, drawn uniformly
 SLACK_RANGE = (0.02, 0.3)  # the slack it stays in
 SPREAD_SCALES = (0.5, 0.95)  # their budget scale, drawn uniformly (fraction of the budget)
+ALLOC_ATTRS = ("alloc_weights", "alloc_slack")  # what makes a trial a parent of allocation moves
+
+
+def alloc_attrs(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The allocation a queued trial came from (its thresholds' weights and cost slack), for its
+    record: both backends keep it, and mutations read it back from the rows."""
+    return {key: user_attrs[key] for key in ALLOC_ATTRS if key in user_attrs}
 
 
 def enqueue_initial_plans(setup: SearchSetup, study: optuna.Study) -> None:
@@ -381,9 +388,7 @@ class _OptunaSearch:
         number = requeued if requeued is not None else trial.number
         record = proposal_record(setup, prop, number=number, backend="optuna")
         record["source"] = trial.user_attrs.get("source", "requeued" if requeued is not None else "sampler")
-        for key in ("alloc_weights", "alloc_slack"):
-            if key in trial.user_attrs:
-                record[key] = trial.user_attrs[key]
+        record.update(alloc_attrs(trial.user_attrs))
         trial.set_user_attr("record", record)  # one write: each is a database commit
         set_budget_constraint(trial, prop.constraint)
         return trial, record, prop
