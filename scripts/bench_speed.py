@@ -29,6 +29,8 @@ Every ratio is measured side by side in one run; figures are medians.
 
     python scripts/bench_speed.py cpu [--trials 40] [--runs 100] [--table-only]
     python scripts/bench_speed.py gpu --data-dir DIR --weights resnet56_cifar10.pt
+    python scripts/bench_speed.py gpu --device cpu --limit 512 --batch 64 ...   # a dry run of the
+        # gpu part's code paths at toy sizes (scripts/gpu_check.sh --dry-run): no measurement
 """
 
 from __future__ import annotations
@@ -221,28 +223,40 @@ def cpu(args: argparse.Namespace) -> None:
             )
 
 
-def plain_loop(model: nn.Module, *, batch: int, steps: int, shape: tuple[int, ...]) -> float:
-    """Images/s of a bare SGD + cross-entropy loop on synthetic data already on the GPU."""
-    device = torch.device("cuda")
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_loop(
+    model: nn.Module,
+    *,
+    batch: int,
+    steps: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+    warmup: int = 10,
+) -> float:
+    """Images/s of a bare SGD + cross-entropy loop on synthetic data already on the device."""
     model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(10):
+    for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    _sync(device)
     return batch * steps / (time.perf_counter() - start)
 
 
@@ -251,18 +265,26 @@ def gpu(args: argparse.Namespace) -> None:
     from fga_search._setup import prepare
     from fga_search._trial import TrialRunner
 
-    assert torch.cuda.is_available(), "the gpu benchmark needs CUDA"
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        assert torch.cuda.is_available(), "the gpu benchmark needs CUDA (or --device cpu for a dry run)"
+        print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    else:  # a dry run of this part's code paths, at toy sizes: its figures mean nothing
+        print(f"dry run on {device} (figures are not measurements), torch {torch.__version__}")
+    batch = args.batch
     config = RunConfig(
         out=os.path.join(args.out, "gpu-setup"),
         model="resnet56",
         weights=args.weights or checkpoint("resnet56_cifar10.pt"),
         dataset="imagefolder",
         data_dir=args.data_dir or cifar_dir(),
-        batch_size=512,
+        batch_size=batch,
         lr=0.05,
         epochs=1.0,
-        device="cuda",
+        device=args.device,
+        train_limit=args.limit,
+        val_limit=args.limit,
+        test_limit=args.limit,
         quiet=True,
     )
     start = time.perf_counter()
@@ -275,12 +297,15 @@ def gpu(args: argparse.Namespace) -> None:
     plan = uniform_plan(setup.profile, budget=0.2, groups=1, skip={"conv1"})
     fga = runner.build(plan, seed=0)
     print(
-        f"1. throughput, batch 512, bf16, channels_last (FGA plan: uniform g=1, FLOPs {setup.profile.ratio(plan):.3f}):"
+        f"1. throughput, batch {batch}, bf16, channels_last (FGA plan: uniform g=1, FLOPs {setup.profile.ratio(plan):.3f}):"
     )
     for label, model in (("original", runner.model), ("FGA 0.2", fga)):
-        plain = plain_loop(model, batch=512, steps=60, shape=setup.data.input_shape)
+        plain = plain_loop(
+            model, batch=batch, steps=args.plain_steps, shape=setup.data.input_shape, device=device,
+            warmup=min(10, args.plain_steps),
+        )  # fmt: skip
         student = copy.deepcopy(model)
-        cfg = FinetuneConfig(epochs=1.0, batch_size=512, lr=0.01)
+        cfg = FinetuneConfig(epochs=1.0, batch_size=batch, lr=0.01)
         finetune(
             student, runner.train, config=cfg, teacher=runner.teacher, allow_flip=True, seed=0
         )  # warm-up, fills the teacher cache
@@ -303,18 +328,20 @@ def gpu(args: argparse.Namespace) -> None:
     print(
         f"  seconds per 1-epoch trial: median {statistics.median(times):.2f} s (after a warm-up trial); target < 6 s on an H100"
     )
-    print("3. latency search on the GPU target (batch 512, bf16, channels_last):")
+    target_name = "cuda" if device.type == "cuda" else "cpu:2"
+    print(f"3. latency search on the target {target_name} (batch {args.target_batch}, bf16, channels_last):")
     out_dir = os.path.join(args.out, "gpu-latency")
     shutil.rmtree(out_dir, ignore_errors=True)
     lat_config = RunConfig(
         **{**config.to_dict(), "out": out_dir, "objective": "accuracy,latency", "budget_metric": "latency", "budget": args.gpu_latency_budget,
-           "target": "cuda", "target_batch": 512, "target_dtype": "bf16", "trials": args.gpu_trials, "epochs": 0.5}
+           "target": target_name, "target_batch": args.target_batch, "target_dtype": "bf16", "trials": args.gpu_trials,
+           "epochs": 0.5}
     )  # fmt: skip
     start = time.perf_counter()
     result = run_search(lat_config)
     if result.best is not None:
         best = result.best
-        target = Target.parse("cuda", batch=512, dtype="bf16")
+        target = Target.parse(target_name, batch=args.target_batch, dtype="bf16")
         original = runner.model
         from fga_search._plan import load_plan
 
@@ -327,19 +354,22 @@ def gpu(args: argparse.Namespace) -> None:
         fastest = min((r["latency_ratio"] for r in result.front if r.get("latency_ratio")), default=None)
         print(
             f"  {result.finished} trials in {time.perf_counter() - start:.0f} s; {len(pinned)} of {len(setup.space.layers)} layers kept "
-            f"dense (every FGA candidate slower on this GPU); best within latency budget {args.gpu_latency_budget}: "
+            f"dense (every FGA candidate slower on this target); best within latency budget {args.gpu_latency_budget}: "
             f"val {best['val_acc']:.4f}, FLOPs {best['flops_ratio']:.3f}, latency ratio {ms['best'] / ms['original']:.3f} "
-            f"(original {ms['original']:.3f} ms per batch of 512); fastest front member's ratio {fastest}"
+            f"(original {ms['original']:.3f} ms per batch of {args.target_batch}); fastest front member's ratio {fastest}"
         )
     else:
         print(f"  no trial within the latency budget {args.gpu_latency_budget} in {result.finished} trials")
+    if args.skip_compile:
+        print("4. torch.compile: skipped (--skip-compile)")
+        return
     print("4. torch.compile (FGA model, 1 epoch):")
     student = copy.deepcopy(fga)
     start = time.perf_counter()
     stats = finetune(
         student,
         runner.train,
-        config=FinetuneConfig(epochs=1.0, batch_size=512, lr=0.01, compile=True),
+        config=FinetuneConfig(epochs=1.0, batch_size=batch, lr=0.01, compile=True),
         teacher=runner.teacher,
         seed=0,
     )
@@ -347,7 +377,7 @@ def gpu(args: argparse.Namespace) -> None:
     stats2 = finetune(
         student,
         runner.train,
-        config=FinetuneConfig(epochs=1.0, batch_size=512, lr=0.01, compile=True),
+        config=FinetuneConfig(epochs=1.0, batch_size=batch, lr=0.01, compile=True),
         teacher=runner.teacher,
         seed=1,
     )
@@ -369,6 +399,12 @@ def main() -> None:
     )
     parser.add_argument("--gpu-trials", type=int, default=12)
     parser.add_argument("--gpu-latency-budget", type=float, default=1.0)
+    parser.add_argument("--device", default="cuda", help="gpu: the device (cpu: a dry run of the code paths)")
+    parser.add_argument("--batch", type=int, default=512, help="gpu: fine-tuning batch size")
+    parser.add_argument("--target-batch", type=int, default=512, help="gpu: the latency target's batch size")
+    parser.add_argument("--plain-steps", type=int, default=60, help="gpu: timed steps of the plain loop")
+    parser.add_argument("--limit", type=int, help="gpu: cap every split at this many images (a dry run)")
+    parser.add_argument("--skip-compile", action="store_true", help="gpu: skip part 4 (torch.compile)")
     parser.add_argument("--data-dir")
     parser.add_argument("--weights")
     parser.add_argument("--out", default="runs/bench-speed")

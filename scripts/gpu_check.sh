@@ -8,6 +8,10 @@
 #                                    # the speed checks (issue 6), at most 5 minutes
 #   scripts/gpu_check.sh --with-quality [OUT_DIR]   # the same, then the quality checks (issue 7),
 #                                    # at most 10 minutes in all: one call for a 15-minute session
+#   scripts/gpu_check.sh --dry-run [OUT_DIR]   # here, on the CPU: every step above at toy sizes
+#                                    # (the running Python's optuna, ../shared or FGA_SHARED_DIR),
+#                                    # so that the one GPU call does not fail on a code path; its
+#                                    # figures mean nothing. tests/test_scripts.py runs it.
 #
 # Expected output (OUT_DIR/speed.txt; with --with-quality also OUT_DIR/quality.txt, results.md):
 #   speed.txt: 1. images/s of the plain loop and of fga-search's loop for the original and an FGA
@@ -34,23 +38,49 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 QUALITY=0
+DRY=0
 if [ "${1:-}" = "--with-quality" ]; then
     QUALITY=1
+    shift
+elif [ "${1:-}" = "--dry-run" ]; then
+    QUALITY=1
+    DRY=1
     shift
 fi
 OUT="${OUT:-${1:-gpu-out}}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/tmp/fga-cache FGA_SHARED_DIR="$PWD/.gpu/shared"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD:$PWD/scripts"
-mkdir -p /tmp/cifar10 && tar xzf .gpu/shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, optuna; print('torch', torch.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/gpu.txt"
-
-timeout 250 python3 scripts/bench_speed.py gpu --data-dir /tmp/cifar10 --out /tmp/fga-runs 2>&1 | tee "$OUT/speed.txt"
-if [ "$QUALITY" = 1 ]; then
-    timeout 300 python3 scripts/bench_quality.py --mode gpu --data-dir /tmp/cifar10 --cases 0,2 --strategies uniform,search \
-        --trials "${QUALITY_TRIALS:-8}" --epochs 1 --final-epochs 15 --device cuda --threads 16 --out /tmp/fga-quality \
-        --markdown "$OUT/results.md" 2>&1 | tee "$OUT/quality.txt"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+if [ "$DRY" = 1 ]; then
+    WORK="$(mktemp -d)"
+    trap 'rm -rf "$WORK"' EXIT
+    export FGA_SHARED_DIR="${FGA_SHARED_DIR:-$(cd .. && pwd)/shared}" XDG_CACHE_HOME="$WORK/cache"
+    export PYTHONPATH="$PWD:$PWD/scripts"
+    DEV=cpu
+    SPEED_ARGS=(--device cpu --limit 512 --batch 64 --target-batch 2 --plain-steps 2 --gpu-trials 2 --skip-compile)
+    QUALITY_ARGS=(--trials 2 --epochs 0.1 --final-epochs 0.1 --limit 256 --threads 2)
+    echo "dry run on the CPU: figures are not measurements" | tee "$OUT/gpu.txt"
+else
+    WORK=/tmp
+    export XDG_CACHE_HOME=/tmp/fga-cache FGA_SHARED_DIR="$PWD/.gpu/shared"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD:$PWD/scripts"
+    DEV=cuda
+    SPEED_ARGS=()
+    QUALITY_ARGS=(--trials "${QUALITY_TRIALS:-8}" --epochs 1 --final-epochs 15 --threads 16)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
-echo "gpu_check done"
+mkdir -p "$WORK/cifar10" && tar xzf "$FGA_SHARED_DIR/data/cifar10-jpeg.tar.gz" -C "$WORK/cifar10" || exit 1
+"$PY" -c "import torch, optuna; print('torch', torch.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/gpu.txt"
+
+timeout 250 "$PY" scripts/bench_speed.py gpu --data-dir "$WORK/cifar10" --out "$WORK/fga-runs" "${SPEED_ARGS[@]}" 2>&1 \
+    | tee "$OUT/speed.txt"
+speed_rc=${PIPESTATUS[0]}
+quality_rc=0
+if [ "$QUALITY" = 1 ]; then
+    timeout 300 "$PY" scripts/bench_quality.py --mode gpu --data-dir "$WORK/cifar10" --cases 0,2 --strategies uniform,search \
+        --device "$DEV" --out "$WORK/fga-quality" --markdown "$OUT/results.md" "${QUALITY_ARGS[@]}" 2>&1 | tee "$OUT/quality.txt"
+    quality_rc=${PIPESTATUS[0]}
+fi
+echo "gpu_check done (bench_speed exit $speed_rc, bench_quality exit $quality_rc)"
+[ "$speed_rc" = 0 ] && [ "$quality_rc" = 0 ]

@@ -1,0 +1,57 @@
+"""scripts/gpu_check.sh: the one prepared call of a GPU session must not fail on a code path.
+
+Its ``--dry-run`` runs every step of ``--with-quality`` on the CPU at toy sizes (the figures
+mean nothing; only that each part runs and prints what the GPU run's reader looks for)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "FGA_SHARED_DIR": str(shared), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check done (bench_speed exit 0, bench_quality exit 0)" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "quality.txt", "results.md", "speed.txt"]
+    assert "dry run on the CPU" in (out / "gpu.txt").read_text()
+
+    speed = (out / "speed.txt").read_text()
+    # 1. throughput of the original and of the FGA model, each against the plain loop
+    ratios = re.findall(r"fga-search loop on CIFAR-10 +\d+ img/s = ([\d.]+) of plain", speed)
+    assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), speed
+    # 2. four 1-epoch trials and their median after the warm-up
+    assert len(re.findall(r"^  trial \d \(g=\d\): [\d.]+ s, val 0\.\d+", speed, flags=re.M)) == 4, speed
+    assert re.search(r"seconds per 1-epoch trial: median [\d.]+ s", speed), speed
+    # 3. the latency search found a model within its budget and timed it beside the original
+    assert re.search(r"2 trials in \d+ s; \d+ of 54 layers kept dense .* latency ratio [\d.]+ ", speed), speed
+    assert "4. torch.compile: skipped" in speed
+
+    quality = (out / "quality.txt").read_text()
+    runs = re.findall(
+        r"^(resnet56|vgg16_cifar) +budget 0\.2 +(uniform|search) +seed 0 trials +2 ", quality, re.M
+    )
+    assert len(runs) == 4, quality
+    finals = re.findall(
+        r"^final fine-tune (resnet56|vgg16_cifar) \(\w+, 0\.1 epochs\): test [\d.]+ %", quality, re.M
+    )
+    assert finals == ["resnet56", "vgg16_cifar"], quality
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 4 + 2 and table[-1].startswith("| vgg16_cifar, final fine-tune | 0.2 |")
