@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from fga_search import FGAConv2d, ModelProfile, decomposable_layers, search
+from fga_search import KEEP, FGAConv2d, ModelProfile, decomposable_layers, search
 from fga_search.latency import MIN_CALIBRATION_CHANGE, LatencyModel, LatencyTable, Target, measure_latency
 from helpers import rows, run_cli, wide_cnn
 
@@ -372,4 +372,17 @@ def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
             with pytest.raises(OverBudget, match=r"2\.000 ms is 0\.500 of the original's"):
                 runner.run(plan, seed=0)
         assert set(timed[-1]) == {"original", "trial"} and timed[-1]["original"] is runner.model
+    assert len(timed) == 2
+    # a plan that keeps every layer is the original: ratio 1, within a budget of 1, never timed
+    settings = dataclasses.replace(settings, max_latency_ratio=1.0)
+    runner = TrialRunner(
+        model=setup.model, data=setup.data, normalization=setup.normalization, device=setup.device,
+        settings=settings, profile=setup.profile,
+    )  # fmt: skip
+    monkeypatch.setattr(
+        "fga_search._trial.measure_side_by_side_as_exported", lambda *_, **__: {"original": 4.0, "trial": 4.2}
+    )
+    out = runner.run({name: KEEP for name in plan}, seed=0)
+    assert out.latency_ratio == 1.0 and out.latency_ms == 1000.0
+    assert out.macs == setup.profile.base_macs
     assert len(timed) == 2
