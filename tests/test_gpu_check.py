@@ -40,8 +40,13 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
     # 2. four 1-epoch trials and their median after the warm-up
     assert len(re.findall(r"^  trial \d \(g=\d\): [\d.]+ s, val 0\.\d+", speed, flags=re.M)) == 4, speed
     assert re.search(r"seconds per 1-epoch trial: median [\d.]+ s", speed), speed
-    # 3. the latency search found a model within its budget and timed it beside the original
-    assert re.search(r"2 trials in \d+ s; \d+ of 54 layers kept dense .* latency ratio [\d.]+ ", speed), speed
+    # 3. the latency search (budget 1) found a model within it and timed it beside the original;
+    # where every layer is kept dense (bf16 on these CPUs) that model is the original, ratio 1.
+    # A CPU whose FGA layers run faster in bf16 may measure both trials just over 1 instead.
+    found = re.search(r"2 trials in \d+ s; (\d+) of 54 layers kept dense .* latency ratio [\d.]+ ", speed)
+    assert found or "no trial within the latency budget 1.0 in 2 trials" in speed, speed
+    if found and found.group(1) == "54":
+        assert "best within latency budget 1.0: val" in speed and "FLOPs 1.000" in speed
     assert "4. torch.compile: skipped" in speed
 
     quality = (out / "quality.txt").read_text()
