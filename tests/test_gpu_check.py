@@ -14,6 +14,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from gpu_fit_trials import fit_trials  # noqa: E402
+
+SPEED = """  FGA 0.2   plain loop on synthetic data    11820 img/s; fga-search loop on CIFAR-10    {rate} img/s = 0.85 of plain
+  seconds per 1-epoch trial: median {trial} s (after a warm-up trial); target < 6 s on an H100
+"""
+
+
+@pytest.mark.parametrize(
+    ("trial", "rate", "trials"),
+    [
+        ("2.00", 20000, 8),  # 350 - 112.5 (finals) - 60 (set-ups) = 177.5 s: 22 trials, at most 8
+        ("5.00", 10000, 3),  # 350 - 225 - 60 = 65 s: 65 / (4 x 5) = 3.25
+        ("2.50", 10000, 6),  # 65 / (4 x 2.5) = 6.5
+        ("16.24", 10594, 3),  # b37d748's figures: 1 fits, at least 3
+    ],
+)
+def test_the_quality_trial_count_fits_the_speed_parts_figures(trial: str, rate: int, trials: int) -> None:
+    n, why = fit_trials(SPEED.format(trial=trial, rate=rate), seconds=350)
+    assert n == trials and why.startswith(f"{trials} trials per strategy: 350 s - final fine-tunes ~")
+
+
+def test_the_quality_trial_count_without_the_speed_parts_figures_is_8() -> None:
+    assert fit_trials("", seconds=350) == (8, "8 trials per strategy (the speed part's figures are missing)")
+    assert fit_trials(SPEED.format(trial="5.00", rate=0), seconds=350)[0] == 8
 
 
 @pytest.mark.slow
@@ -31,7 +57,11 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check done (bench_speed exit 0, bench_quality exit 0)" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "quality.txt", "results.md", "speed.txt"]
-    assert "dry run on the CPU" in (out / "gpu.txt").read_text()
+    gpu = (out / "gpu.txt").read_text()
+    assert "dry run on the CPU" in gpu
+    assert re.search(
+        r"^quality part: [3-8] trials per strategy: 350 s - final fine-tunes ~\d+ s", gpu, re.M
+    ), gpu
 
     speed = (out / "speed.txt").read_text()
     # 1. throughput of the original and of the FGA model, each against the plain loop
