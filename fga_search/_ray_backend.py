@@ -41,7 +41,7 @@ from ._errors import first_line
 from ._loader import Normalization
 from ._plan import load_plan
 from ._progress import Progress
-from ._records import rows_to_table, write_parquet
+from ._records import read_table, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._search import (
     REPORT_EVERY,
@@ -56,7 +56,7 @@ from ._search import (
     refresh_report,
 )
 from ._setup import SearchSetup
-from ._study import make_sampler, open_study, set_budget_constraint
+from ._study import count_finished, make_sampler, open_study, set_budget_constraint
 from ._trial import OverBudget, TrialRunner, TrialSettings
 
 __all__ = ["RaySearch"]
@@ -302,6 +302,7 @@ class _Progress(tune.Callback):
         self.total = total
         self.quiet = quiet
         self.live = {}
+        self.pid: int | None = None
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.ended(trial, error=None)
@@ -312,6 +313,12 @@ class _Progress(tune.Callback):
     def ended(self, trial: Any, *, error: str | None) -> None:
         if "number" not in trial.config:
             return
+        if self.pid != os.getpid():
+            # a resumed driver: keep what the previous one recorded, which this callback (as
+            # pickled with Tune's experiment state, possibly before those trials ended) lacks
+            self.pid = os.getpid()
+            for number, old in recorded_rows(self.parquet).items():
+                self.live.setdefault(number, old)
         row = trial_row(trial.config, trial.last_result or {}, error)
         self.live[row["trial"]] = row
         rows = sorted(self.live.values(), key=lambda r: r["trial"])
@@ -328,6 +335,50 @@ class _Progress(tune.Callback):
             seconds=row.get("seconds_total"),
             best=(best["trial"], best["val_acc"], best["flops_ratio"]) if best else None,
         )
+
+
+def _tune_state_readable(experiment: str) -> bool:
+    """Whether the newest experiment state Tune wrote in ``experiment`` parses."""
+    states = sorted(
+        (
+            os.path.join(experiment, name)
+            for name in os.listdir(experiment)
+            if name.startswith("experiment_state-")
+        ),
+        key=os.path.getmtime,
+    )
+    if not states:
+        return False
+    try:
+        with open(states[-1]) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def recorded_rows(parquet: str) -> dict[int, dict[str, Any]]:
+    """The trials a run's trials.parquet records as ended (COMPLETE or FAIL), by number."""
+    if not os.path.isfile(parquet):
+        return {}
+    try:
+        table = read_table(parquet)
+    except (OSError, ValueError):
+        return {}
+    return {int(r["trial"]): r for r in table.to_pylist() if r.get("state") in ("COMPLETE", "FAIL")}
+
+
+def merge_recorded(rows: list[dict[str, Any]], recorded: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """This driver's rows plus the ended trials a previous driver recorded that they lack, or
+    that they have as not ended: after a driver is killed, Tune's experiment state can predate
+    the last trials, or be unreadable when the kill came mid-write ("Failed to restore the run
+    state"); the study keeps those trials, and so does trials.parquet."""
+    by = {int(r["trial"]): r for r in rows}
+    for number, old in recorded.items():
+        new = by.get(number)
+        if new is None or (old["state"] == "COMPLETE" and new.get("state") != "COMPLETE"):
+            by[number] = old
+    return sorted(by.values(), key=lambda r: r["trial"])
 
 
 @contextlib.contextmanager
@@ -430,22 +481,28 @@ class RaySearch:
                 row["_checkpoint"] = result.checkpoint
         return sorted(rows, key=lambda r: r["trial"])
 
-    def orphans(self) -> list[dict[str, Any]]:
-        """Study trials a killed driver left RUNNING (asked for, never run by Tune): recorded as
-        failed ('interrupted'), as the Optuna backend does."""
+    def study(self) -> Any:
+        """The run's study, opened without the search's sampler (to read it or mark trials)."""
         import optuna
-        from optuna.trial import TrialState
 
         from ._study import open_study
-        from ._study import trial_row as study_row
 
         c = self.config
-        study = open_study(
+        return open_study(
             storage=c.storage or f"sqlite:///{self.folder.study_db}",
             name=c.study_name or f"fga-search:{self.folder.path}",
             sampler=optuna.samplers.RandomSampler(),
             costs=len(c.costs),
         )
+
+    def orphans(self) -> list[dict[str, Any]]:
+        """Study trials a killed driver left RUNNING (asked for, never run by Tune): recorded as
+        failed ('interrupted'), as the Optuna backend does."""
+        from optuna.trial import TrialState
+
+        from ._study import trial_row as study_row
+
+        study = self.study()
         out = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
@@ -484,8 +541,24 @@ class RaySearch:
             tune.with_parameters(_trainable, payload=self.payload()), self.resources()
         )
         _SETUPS[self.folder.path] = self.setup
+        recorded = recorded_rows(self.folder.trials_parquet)
         callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
-        if tune.Tuner.can_restore(experiment):
+        restore = tune.Tuner.can_restore(experiment)
+        interrupted: list[dict[str, Any]] = []
+        if restore and not _tune_state_readable(experiment):
+            # the driver was killed while Tune wrote its state: Tune would resume with no trials
+            # and a searcher that counts the lost ones. The study and trials.parquet keep every
+            # finished trial, so the search goes on from them with a new Tune experiment.
+            aside = f"{experiment}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(experiment, aside)
+            Progress(total=c.trials, done=0, quiet=c.quiet).note(
+                f"Ray's experiment state in {experiment} is unreadable (moved to {aside}); "
+                "resuming from the study's finished trials"
+            )
+            restore = False
+            interrupted = self.orphans()
+        finished = count_finished(self.study().get_trials(deepcopy=False))
+        if restore:
             Progress(total=c.trials, done=0, quiet=c.quiet).note(
                 f"resuming the Ray experiment in {experiment}"
             )
@@ -501,7 +574,7 @@ class RaySearch:
                 trainable,
                 tune_config=tune.TuneConfig(
                     search_alg=self.searcher(),
-                    num_samples=c.trials,
+                    num_samples=c.trials - finished,
                     reuse_actors=True,
                     trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_name,
@@ -516,10 +589,11 @@ class RaySearch:
                     verbose=0,
                 ),
             )
-        with _pending_trials(None if c.max_concurrent else self.slots()):
-            results = tuner.fit()
-        rows = self.collect(results) + self.orphans()
+        results: Any = []
+        if restore or finished < c.trials:
+            with _pending_trials(None if c.max_concurrent else self.slots()):
+                results = tuner.fit()
+        rows = merge_recorded(self.collect(results) + interrupted + self.orphans(), recorded)
         self.keep_front_checkpoints(rows)
-        rows.sort(key=lambda r: r["trial"])
         write_parquet(rows_to_table(rows), self.folder.trials_parquet)
         return finalize(self.setup, self.folder, self.runner, rows)
