@@ -11,7 +11,7 @@
 #   scripts/gpu_check.sh --dry-run [OUT_DIR]   # here, on the CPU: every step above at toy sizes
 #                                    # (the running Python's optuna, ../shared or FGA_SHARED_DIR),
 #                                    # so that the one GPU call does not fail on a code path; its
-#                                    # figures mean nothing. tests/test_scripts.py runs it.
+#                                    # figures mean nothing. tests/test_gpu_check.py runs it.
 #
 # Expected output (OUT_DIR/speed.txt; with --with-quality also OUT_DIR/quality.txt, results.md):
 #   speed.txt: 1. images/s of the plain loop and of fga-search's loop for the original and an FGA
