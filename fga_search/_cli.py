@@ -220,6 +220,16 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         default=0.0,
         help="fine-tune this many more epochs on train+val with distillation and random crops (default 0)",
     )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        help="peak learning rate of that fine-tune (default: the run's --lr)",
+    )
+    p.add_argument(
+        "--finetune-batch-size",
+        type=int,
+        help="batch size of that fine-tune (default: the run's --batch-size)",
+    )
     p.add_argument("--format", default="", metavar="torchscript,onnx", help="extra formats, comma-separated")
     p.add_argument(
         "--device", help="cpu, cuda or cuda:N for re-running and fine-tuning (default: cuda if available)"
@@ -285,6 +295,8 @@ def _export(args: argparse.Namespace) -> int:
             pick=args.pick,
             out=args.out,
             finetune_epochs=args.finetune_epochs,
+            finetune_lr=args.finetune_lr,
+            finetune_batch_size=args.finetune_batch_size,
             formats=formats,
             device=args.device,
             latency_runs=args.latency_runs,
@@ -303,7 +315,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"  {os.path.basename(path):<22} {_size(path):>10}")
     if spec.get("finetune"):
         ft = spec["finetune"]
-        print(f"fine-tuned {ft['epochs']:g} more epochs on train+val ({ft['steps']} steps)")
+        recipe = ft["recipe"]
+        print(
+            f"fine-tuned {ft['epochs']:g} more epochs on train+val ({ft['steps']} steps of batch "
+            f"{recipe['batch_size']}, peak learning rate {recipe['lr']:g})"
+        )
     val = "" if spec["accuracy"]["val_held_out"] else " (seen in fine-tuning)"
     print(
         f"accuracy: val {result.val_acc:.4f}{val}, test {result.test_acc:.4f} "

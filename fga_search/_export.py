@@ -288,15 +288,32 @@ def _full_training_split(setup: Any, runner: Any) -> Any:
     )
 
 
-def _final_finetune(model: nn.Module, setup: Any, runner: Any, *, epochs: float, seed: int) -> dict[str, Any]:
+def _final_finetune(
+    model: nn.Module,
+    setup: Any,
+    runner: Any,
+    *,
+    epochs: float,
+    seed: int,
+    lr: float | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
     """Fine-tune longer on train + validation with distillation from the original model (run on
-    every batch, since random crops make cached logits useless)."""
+    every batch, since random crops make cached logits useless). ``lr`` and ``batch_size``
+    default to the run's trial settings."""
     from ._finetune import finetune
     from ._recalibrate import recalibrate_bn
 
     data = setup.data
     split = _full_training_split(setup, runner)
-    config = dataclasses.replace(setup.settings.finetune, epochs=float(epochs), crop=True, flip=True)
+    config = dataclasses.replace(
+        setup.settings.finetune,
+        epochs=float(epochs),
+        crop=True,
+        flip=True,
+        lr=setup.settings.finetune.lr if lr is None else float(lr),
+        batch_size=setup.settings.finetune.batch_size if batch_size is None else int(batch_size),
+    )
     stats = finetune(
         model,
         split,
@@ -535,6 +552,8 @@ def export(
     pick: str | int = "best",
     out: str,
     finetune_epochs: float = 0.0,
+    finetune_lr: float | None = None,
+    finetune_batch_size: int | None = None,
     formats: Sequence[str] = (),
     device: str | None = None,
     latency_runs: int = 50,
@@ -544,7 +563,8 @@ def export(
     ``pick``: ``"best"`` (the highest validation accuracy within the budget, ties: fewer FLOPs),
     ``"knee"`` (the front's knee) or a finished trial's id. The trial's weights come from the run
     folder (front members) or from re-running the trial with its seed. ``finetune_epochs > 0``
-    fine-tunes further, with distillation, on the training and validation images. ``formats``:
+    fine-tunes further, with distillation, on the training and validation images, at peak learning
+    rate ``finetune_lr`` and batch ``finetune_batch_size`` (None: the run's trial settings). ``formats``:
     any of ``"torchscript"``, ``"onnx"``. Accuracies are measured on the final model, FLOPs with
     ``FlopCounterMode`` on the model loaded back from ``out``, and each format is checked against
     the PyTorch model (max abs difference <= 1e-4 x max(1, max |output|), else
@@ -574,6 +594,18 @@ def export(
         or not (math.isfinite(finetune_epochs) and finetune_epochs >= 0)
     ):
         raise ValueError(f"finetune_epochs must be a number >= 0, got {finetune_epochs!r}")
+    if finetune_lr is not None and (
+        isinstance(finetune_lr, bool)
+        or not isinstance(finetune_lr, (int, float))
+        or not (math.isfinite(finetune_lr) and finetune_lr > 0)
+    ):
+        raise ValueError(f"finetune_lr must be a number > 0, got {finetune_lr!r}")
+    if finetune_batch_size is not None and (
+        isinstance(finetune_batch_size, bool)
+        or not isinstance(finetune_batch_size, int)
+        or finetune_batch_size < 1
+    ):
+        raise ValueError(f"finetune_batch_size must be an integer >= 1, got {finetune_batch_size!r}")
     target, anchor = _check_out(out)
     view = read_run(run_dir)
     if target in (view.path, view.folder.models_dir):
@@ -593,7 +625,13 @@ def export(
         finetuned = None
         if finetune_epochs > 0:
             finetuned = _final_finetune(
-                model, setup, runner, epochs=finetune_epochs, seed=int(source["seed"])
+                model,
+                setup,
+                runner,
+                epochs=finetune_epochs,
+                seed=int(source["seed"]),
+                lr=finetune_lr,
+                batch_size=finetune_batch_size,
             )
         val_acc = runner.evaluate(model, split="val")
         test_acc = runner.evaluate(model, split="test")

@@ -140,13 +140,16 @@ def final_finetune(args: argparse.Namespace, rows: list[Row], model: str) -> Fin
         pick="best",
         out=os.path.join(args.out, f"export-{model}"),
         finetune_epochs=args.final_epochs,
+        finetune_lr=args.final_lr,
+        finetune_batch_size=args.final_batch,
         device=args.device,
     )
     spec = res.spec
     base = json.load(open(os.path.join(best.run, "run.json")))["baseline"]
     acc = spec["accuracy"]
     print(
-        f"final fine-tune {model} ({best.strategy}, {args.final_epochs:g} epochs): test {100 * acc['test']:.2f} % "
+        f"final fine-tune {model} ({best.strategy}, {args.final_epochs:g} epochs, batch "
+        f"{spec['finetune']['recipe']['batch_size']}, peak lr {spec['finetune']['recipe']['lr']:g}): test {100 * acc['test']:.2f} % "
         f"vs the original's {100 * base['test_acc']:.2f} % ({100 * (acc['test'] - base['test_acc']):+.2f} points), "
         f"in {time.perf_counter() - start:.0f} s",
         flush=True,
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument(
         "--final-epochs", type=float, default=15.0, help="final fine-tune of the best (gpu mode)"
     )
+    parser.add_argument("--final-lr", type=float, help="its peak learning rate (default: the trials', 0.05)")
+    parser.add_argument("--final-batch", type=int, help="its batch size (default: the trials', 512)")
     parser.add_argument(
         "--cases", default="all", help="comma-separated case indices (0: R56@0.2, 1: R56@0.35, 2: VGG@0.2)"
     )

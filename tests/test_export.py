@@ -211,9 +211,37 @@ def test_final_finetune_on_train_and_val(
     assert max((before[k].float() - after[k].float()).abs().max().item() for k in before) > 1e-3
     # the model's MACs are those of its FGA layers run grouped, however the CPU runs them
     assert measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=(1, 8, 8)) == knee["macs"]
+    recipe = spec["finetune"]["recipe"]
+    assert recipe["lr"] == 0.02 and recipe["batch_size"] == 128  # the run's
 
 
-@pytest.mark.slow
+def test_final_finetune_takes_its_own_learning_rate_and_batch(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft"
+    args = [
+        "export",
+        str(run_dir),
+        "--pick",
+        "knee",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--latency-runs",
+        "0",
+    ]
+    code = main([*args, "--finetune-epochs", "0.25", "--finetune-lr", "0.03", "--finetune-batch-size", "64"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert (
+        "fine-tuned 0.25 more epochs on train+val (5 steps of batch 64, peak learning rate 0.03)" in printed
+    )
+    ft = json.loads((out / "spec.json").read_text())["finetune"]
+    assert ft["recipe"]["lr"] == 0.03 and ft["recipe"]["batch_size"] == 64
+    assert ft["steps"] == round(0.25 * (1295 + 143)) // 64 == 5
+
+
 def test_export_command_prints_a_summary(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -399,6 +427,14 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (
             [str(run), "--out", str(out), "--finetune-epochs", "-1"],
             "finetune_epochs must be a number >= 0, got -1.0",
+        ),
+        (
+            [str(run), "--out", str(out), "--finetune-epochs", "1", "--finetune-lr", "0"],
+            "finetune_lr must be a number > 0, got 0.0",
+        ),
+        (
+            [str(run), "--out", str(out), "--finetune-epochs", "1", "--finetune-batch-size", "0"],
+            "finetune_batch_size must be an integer >= 1, got 0",
         ),
         (
             [str(run), "--out", str(out), "--latency-runs", "5"],

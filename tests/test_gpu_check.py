@@ -85,7 +85,9 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
     )
     assert len(runs) == 4, quality
     finals = re.findall(
-        r"^final fine-tune (resnet56|vgg16_cifar) \(\w+, 0\.1 epochs\): test [\d.]+ %", quality, re.M
+        r"^final fine-tune (resnet56|vgg16_cifar) \(\w+, 0\.1 epochs, batch 512, peak lr 0\.05\): test [\d.]+ %",
+        quality,
+        re.M,
     )
     assert finals == ["resnet56", "vgg16_cifar"], quality
     table = (out / "results.md").read_text().splitlines()
