@@ -10,8 +10,9 @@ final fine-tunes of ``--final-epochs`` epochs, within its time limit. This print
            + 2 models x final epochs x 50,000 images x FINAL_COST / FGA images per second
 
 RUN_OVERHEAD_S and FINAL_COST are estimates, not measurements: a run's set-up (model, space,
-spectra, baseline, teacher cache) and the final fine-tune's teacher pass on every batch (random
-crops make cached logits useless).
+spectra, baseline, teacher cache), and the final fine-tune's time per image against a trial's:
+the teacher runs on every batch (random crops make cached logits useless) and its batch is 128
+against the trials' 512 (more steps, each less able to fill the GPU).
 
     python scripts/gpu_fit_trials.py SPEED_TXT SECONDS [--final-epochs 15]
 """
@@ -27,7 +28,7 @@ RUNS = 4  # ResNet-56 and VGG-16, uniform and search
 MODELS = 2  # final fine-tunes
 IMAGES = 50_000  # the final fine-tune's training images (train + validation)
 RUN_OVERHEAD_S = 15.0
-FINAL_COST = 1.5  # the final fine-tune's time per image relative to a trial's (teacher on every batch)
+FINAL_COST = 2.0  # the final fine-tune's time per image relative to a trial's (teacher, batch 128)
 MOST, LEAST = 8, 3
 
 
