@@ -215,11 +215,9 @@ def test_final_finetune_on_train_and_val(
     assert recipe["lr"] == 0.02 and recipe["batch_size"] == 128  # the run's
 
 
-def test_final_finetune_takes_its_own_learning_rate_and_batch(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "ft"
-    args = [
+def _knee_export_args(run_dir: Path, out: Path) -> list[str]:
+    """The export command of the run's knee on the CPU, without latency timing."""
+    return [
         "export",
         str(run_dir),
         "--pick",
@@ -231,7 +229,23 @@ def test_final_finetune_takes_its_own_learning_rate_and_batch(
         "--latency-runs",
         "0",
     ]
-    code = main([*args, "--finetune-epochs", "0.25", "--finetune-lr", "0.03", "--finetune-batch-size", "64"])
+
+
+def test_final_finetune_takes_its_own_learning_rate_and_batch(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft"
+    code = main(
+        [
+            *_knee_export_args(run_dir, out),
+            "--finetune-epochs",
+            "0.25",
+            "--finetune-lr",
+            "0.03",
+            "--finetune-batch-size",
+            "64",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert (
@@ -329,20 +343,7 @@ def test_export_command_prints_a_summary(
         "warning: the exported model is slower than the original in " + " and ".join(slower) in text
     ) == bool(slower)
     # exporting again to the same folder replaces the earlier export
-    code = main(
-        [
-            "export",
-            str(run_dir),
-            "--pick",
-            "knee",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--latency-runs",
-            "0",
-        ]
-    )
+    code = main(_knee_export_args(run_dir, out))
     assert code == 0 and sorted(os.listdir(out)) == ["model.pt", "spec.json"]
     again = json.loads((out / "spec.json").read_text())
     assert again["latency_at_export"] is None and "bn_fold" not in again  # nothing measured: nothing folded
