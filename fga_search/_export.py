@@ -145,6 +145,16 @@ def load_exported(path: str | os.PathLike[str], *, fold_batchnorm: bool = True) 
 
 
 # -- checks at the boundary ------------------------------------------------------------------
+def _is_int(value: object) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(formats, str):
         formats = [f for f in formats.split(",") if f.strip()]
@@ -582,29 +592,13 @@ def export(
 
     chosen = _check_pick(pick)
     kinds = _check_formats(formats)
-    if (
-        isinstance(latency_runs, bool)
-        or not isinstance(latency_runs, int)
-        or not (latency_runs == 0 or latency_runs >= 10)
-    ):
+    if not (_is_int(latency_runs) and (latency_runs == 0 or latency_runs >= 10)):
         raise ValueError(f"latency_runs must be 0 (skip) or an integer >= 10, got {latency_runs!r}")
-    if (
-        isinstance(finetune_epochs, bool)
-        or not isinstance(finetune_epochs, (int, float))
-        or not (math.isfinite(finetune_epochs) and finetune_epochs >= 0)
-    ):
+    if not (_is_number(finetune_epochs) and finetune_epochs >= 0):
         raise ValueError(f"finetune_epochs must be a number >= 0, got {finetune_epochs!r}")
-    if finetune_lr is not None and (
-        isinstance(finetune_lr, bool)
-        or not isinstance(finetune_lr, (int, float))
-        or not (math.isfinite(finetune_lr) and finetune_lr > 0)
-    ):
+    if finetune_lr is not None and not (_is_number(finetune_lr) and finetune_lr > 0):
         raise ValueError(f"finetune_lr must be a number > 0, got {finetune_lr!r}")
-    if finetune_batch_size is not None and (
-        isinstance(finetune_batch_size, bool)
-        or not isinstance(finetune_batch_size, int)
-        or finetune_batch_size < 1
-    ):
+    if finetune_batch_size is not None and not (_is_int(finetune_batch_size) and finetune_batch_size >= 1):
         raise ValueError(f"finetune_batch_size must be an integer >= 1, got {finetune_batch_size!r}")
     target, anchor = _check_out(out)
     view = read_run(run_dir)

@@ -146,10 +146,10 @@ def final_finetune(args: argparse.Namespace, rows: list[Row], model: str) -> Fin
     )
     spec = res.spec
     base = json.load(open(os.path.join(best.run, "run.json")))["baseline"]
-    acc = spec["accuracy"]
+    acc, recipe = spec["accuracy"], spec["finetune"]["recipe"]
     print(
         f"final fine-tune {model} ({best.strategy}, {args.final_epochs:g} epochs, batch "
-        f"{spec['finetune']['recipe']['batch_size']}, peak lr {spec['finetune']['recipe']['lr']:g}): test {100 * acc['test']:.2f} % "
+        f"{recipe['batch_size']}, peak lr {recipe['lr']:g}): test {100 * acc['test']:.2f} % "
         f"vs the original's {100 * base['test_acc']:.2f} % ({100 * (acc['test'] - base['test_acc']):+.2f} points), "
         f"in {time.perf_counter() - start:.0f} s",
         flush=True,
