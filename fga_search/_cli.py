@@ -241,6 +241,11 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         help="time the exported and the original model side by side on this CPU at batch 1, in PyTorch "
         "and (with --format onnx) ONNX Runtime: medians of this many runs (>= 10; 0 skips; default 50)",
     )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the result (no progress lines for a re-run trial or the final fine-tune)",
+    )
     return p
 
 
@@ -300,6 +305,7 @@ def _export(args: argparse.Namespace) -> int:
             formats=formats,
             device=args.device,
             latency_runs=args.latency_runs,
+            quiet=args.quiet,
         )
     except ExportVerificationError as exc:
         print(f"fga-search: error: {exc}", file=sys.stderr)

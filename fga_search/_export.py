@@ -307,11 +307,13 @@ def _final_finetune(
     seed: int,
     lr: float | None = None,
     batch_size: int | None = None,
+    quiet: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune longer on train + validation with distillation from the original model (run on
     every batch, since random crops make cached logits useless). ``lr`` and ``batch_size``
-    default to the run's trial settings."""
-    from ._finetune import finetune
+    default to the run's trial settings. Unless ``quiet``, a line per epoch goes to stderr."""
+    from ._finetune import FinetuneProgress, finetune
+    from ._progress import format_seconds
     from ._recalibrate import recalibrate_bn
 
     data = setup.data
@@ -324,6 +326,23 @@ def _final_finetune(
         lr=setup.settings.finetune.lr if lr is None else float(lr),
         batch_size=setup.settings.finetune.batch_size if batch_size is None else int(batch_size),
     )
+
+    def report(p: FinetuneProgress) -> None:
+        eta = p.seconds / p.step * (p.steps - p.step)
+        print(
+            f"final fine-tune: epoch {p.epochs_done:.4g}/{config.epochs:g} (step {p.step}/{p.steps})  "
+            f"loss {p.loss:.4f}  {format_seconds(p.seconds)} | ETA {format_seconds(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if not quiet:
+        print(
+            f"final fine-tune: {config.epochs:g} epochs on {len(split)} train+val images, batch "
+            f"{config.batch_size}, peak learning rate {config.lr:g}, the original as teacher",
+            file=sys.stderr,
+            flush=True,
+        )
     stats = finetune(
         model,
         split,
@@ -332,6 +351,7 @@ def _final_finetune(
         allow_flip=data.flip,
         crop_pad=data.crop_pad,
         seed=seed,
+        on_epoch=None if quiet else report,
     )
     if stats.steps < setup.settings.recalibrate_after_steps:
         recalibrate_bn(model, split, images=setup.settings.recalibration, seed=seed, amp_dtype=runner.amp)
@@ -348,7 +368,7 @@ def _final_finetune(
 
 
 def _trained_model(
-    view: RunView, setup: Any, runner: Any, row: dict[str, Any], plan: Plan
+    view: RunView, setup: Any, runner: Any, row: dict[str, Any], plan: Plan, *, quiet: bool = True
 ) -> tuple[nn.Module, bool]:
     from ._surgery import apply_plan_structure
 
@@ -365,6 +385,8 @@ def _trained_model(
             model = model.to(memory_format=torch.channels_last)
         return model, False
     # Only the front's members keep their weights: re-run the trial, deterministically.
+    if not quiet:
+        print(f"re-running trial {int(row['trial'])} from its plan and seed", file=sys.stderr, flush=True)
     outcome = runner.run(plan, seed=int(row["seed"]))
     return outcome.model.eval(), True
 
@@ -567,6 +589,7 @@ def export(
     formats: Sequence[str] = (),
     device: str | None = None,
     latency_runs: int = 50,
+    quiet: bool = False,
 ) -> ExportResult:
     """Export one model of a run folder to ``out``: ``model.pt``, ``spec.json`` and ``formats``.
 
@@ -582,6 +605,8 @@ def export(
     ``latency_runs`` (>= 10; 0: skip) times the exported and the original model side by side on
     this machine's CPU at batch 1, in eager PyTorch and, with ``"onnx"``, in ONNX Runtime
     (``spec["latency_at_export"]``; the threads of the run's ``cpu:N`` target, else PyTorch's).
+    Unless ``quiet``, the long steps (re-running a trial, each epoch of the final fine-tune with
+    an ETA) are reported on stderr.
 
     Needs the run's inputs (weights, data). ``ValueError`` on bad input; nothing is written then.
     The export folder appears complete or not at all (an earlier export there is replaced).
@@ -615,7 +640,7 @@ def export(
     except OSError as exc:
         raise ValueError(f"--out {target}: cannot write in {anchor} ({exc.strerror or exc})") from None
     try:
-        model, rebuilt = _trained_model(view, setup, runner, source, plan)
+        model, rebuilt = _trained_model(view, setup, runner, source, plan, quiet=quiet)
         finetuned = None
         if finetune_epochs > 0:
             finetuned = _final_finetune(
@@ -626,6 +651,7 @@ def export(
                 seed=int(source["seed"]),
                 lr=finetune_lr,
                 batch_size=finetune_batch_size,
+                quiet=quiet,
             )
         val_acc = runner.evaluate(model, split="val")
         test_acc = runner.evaluate(model, split="test")

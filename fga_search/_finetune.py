@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from ._evaluate import autocast, main_logits
 from ._loader import Augment, Batch, DeviceSplit
 
-__all__ = ["FinetuneConfig", "FinetuneStats", "TeacherCache", "amp_dtype_for", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneProgress", "FinetuneStats", "TeacherCache", "amp_dtype_for", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,17 @@ class FinetuneStats:
     images: int
     seconds: float
     final_loss: float
+
+
+@dataclass(frozen=True)
+class FinetuneProgress:
+    """Where a fine-tune stands, passed to ``finetune``'s ``on_epoch`` after each epoch."""
+
+    step: int
+    steps: int
+    epochs_done: float  # images seen / training images
+    loss: float  # the loss of the latest batch
+    seconds: float  # since the fine-tune started
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
@@ -125,11 +137,14 @@ def finetune(
     allow_flip: bool = True,
     crop_pad: int = 0,
     seed: int = 0,
+    on_epoch: Callable[[FinetuneProgress], None] | None = None,
 ) -> FinetuneStats:
     """Train ``model`` in place for ``config.epochs`` epochs (fractions allowed) over ``data``.
 
     ``teacher`` is a :class:`TeacherCache` (cached logits, no random crops) or a model run on
-    every batch. Raises ``FloatingPointError`` on a non-finite loss.
+    every batch. ``on_epoch`` is called after every full epoch's worth of steps and after the
+    last step (reading the loss then syncs a GPU, once per epoch). Raises ``FloatingPointError``
+    on a non-finite loss.
     """
     start = time.perf_counter()
     n = len(data)
@@ -150,6 +165,7 @@ def finetune(
         nesterov=config.momentum > 0,
     )
     warm = max(1, int(config.warmup * steps))
+    steps_per_epoch = max(1, n // config.batch_size)
 
     def lr_at(step: int) -> float:
         if step < warm:
@@ -198,5 +214,15 @@ def finetune(
             step += 1
             seen += len(batch.y)
             loss_value = float(loss.detach()) if step == steps else loss_value
+            if on_epoch is not None and (step % steps_per_epoch == 0 or step == steps):
+                on_epoch(
+                    FinetuneProgress(
+                        step=step,
+                        steps=steps,
+                        epochs_done=seen / n,
+                        loss=float(loss.detach()),
+                        seconds=time.perf_counter() - start,
+                    )
+                )
     model.eval()
     return FinetuneStats(steps=step, images=seen, seconds=time.perf_counter() - start, final_loss=loss_value)

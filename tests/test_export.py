@@ -172,14 +172,18 @@ def test_knee_and_trial_id_picks(run_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_trial_without_checkpoint_is_rerun(run_dir: Path, tmp_path: Path) -> None:
+def test_trial_without_checkpoint_is_rerun(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A trial whose weights the run did not keep is rebuilt by re-running it with its seed."""
     copied = tmp_path / "run"
     shutil.copytree(run_dir, copied)
     front = rows(run_dir / "pareto.parquet")
     best = next(r for r in front if r["is_best"])
     os.remove(copied / "models" / f"trial_{best['trial']:05d}.pt")
+    capsys.readouterr()
     result = export(str(copied), pick="best", out=str(tmp_path / "rerun"), device="cpu")
+    assert capsys.readouterr().err == f"re-running trial {best['trial']} from its plan and seed\n"
     assert result.rebuilt and result.spec["source"]["weights"] == "re-run"
     assert result.trial == best["trial"] and result.macs == best["macs"]
     # the same trial again: within one validation image of the search's own result
@@ -246,14 +250,36 @@ def test_final_finetune_takes_its_own_learning_rate_and_batch(
             "64",
         ]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0
     assert (
         "fine-tuned 0.25 more epochs on train+val (5 steps of batch 64, peak learning rate 0.03)" in printed
     )
+    # progress on stderr: the recipe, then a line per epoch and one after the last step (here only that)
+    progress = [line for line in captured.err.splitlines() if line.startswith("final fine-tune:")]
+    assert progress[0] == (
+        "final fine-tune: 0.25 epochs on 1438 train+val images, batch 64, peak learning rate 0.03, "
+        "the original as teacher"
+    )
+    assert len(progress) == 2 and progress[1].startswith(
+        "final fine-tune: epoch 0.2225/0.25 (step 5/5)  loss "
+    )
+    assert "| ETA 0s" in progress[1]
     ft = json.loads((out / "spec.json").read_text())["finetune"]
     assert ft["recipe"]["lr"] == 0.03 and ft["recipe"]["batch_size"] == 64
     assert ft["steps"] == round(0.25 * (1295 + 143)) // 64 == 5
+
+
+def test_quiet_export_prints_no_progress(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quiet"
+    code = main([*_knee_export_args(run_dir, out), "--finetune-epochs", "0.25", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.err == ""
+    assert "fine-tuned 0.25 more epochs on train+val (2 steps of batch 128" in captured.out
+    assert json.loads((out / "spec.json").read_text())["finetune"]["steps"] == 2
 
 
 def test_export_command_prints_a_summary(

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fga_search._data import Split
-from fga_search._finetune import FinetuneConfig, TeacherCache, finetune
+from fga_search._finetune import FinetuneConfig, FinetuneProgress, TeacherCache, finetune
 from fga_search._loader import Augment, DeviceSplit, Normalization
 
 
@@ -71,6 +71,32 @@ def test_finetune_fractional_epochs_and_distillation() -> None:
         after = (student(x).softmax(1) - teacher(x).softmax(1)).abs().mean()
     assert after < before  # the student moves towards the teacher
     assert finetune(student, split, config=FinetuneConfig(epochs=0.0), seed=0).steps == 0
+
+
+@pytest.mark.parametrize(
+    ("epochs", "batch", "expected"),
+    [
+        (2.5, 16, [(6, 1.0), (12, 2.0), (15, 2.5)]),  # 6 steps an epoch, then the last step
+        (1.0, 32, [(3, 1.0)]),  # the last step is an epoch's end: reported once
+        (0.5, 64, [(1, 64 / 96)]),  # under an epoch: the last step only
+    ],
+)
+def test_on_epoch_reports_each_epoch_and_the_last_step(
+    epochs: float, batch: int, expected: list[tuple[int, float]]
+) -> None:
+    split = data()  # 96 images
+    seen: list[FinetuneProgress] = []
+    stats = finetune(
+        nn.Sequential(nn.Flatten(), nn.Linear(108, 2)),
+        split,
+        config=FinetuneConfig(epochs=epochs, batch_size=batch),
+        seed=0,
+        on_epoch=seen.append,
+    )
+    assert [(p.step, p.epochs_done) for p in seen] == [(s, pytest.approx(e)) for s, e in expected]
+    assert all(p.steps == stats.steps for p in seen)
+    assert all(p.loss > 0 and p.seconds >= 0 for p in seen)
+    assert seen[-1].loss == pytest.approx(stats.final_loss)
 
 
 def test_non_finite_loss_raises() -> None:
