@@ -99,7 +99,10 @@ if [ "$QUALITY" = 1 ]; then
     fitted=$("$PY" scripts/gpu_fit_trials.py "$OUT/speed.txt" "$LIMIT" 2> "$WORK/fit.txt")
     echo "quality part: $(cat "$WORK/fit.txt")" | tee -a "$OUT/gpu.txt"
     TRIALS="${QUALITY_TRIALS:-$fitted}"
-    [ "$DRY" = 1 ] && TRIALS=2
+    if [ "$DRY" = 1 ]; then
+        TRIALS=2
+        echo "quality part: dry run: 2 trials per strategy instead (the fit above prices the CPU's toy figures)" | tee -a "$OUT/gpu.txt"
+    fi
     QUALITY_ARGS+=(--trials "$TRIALS")
     timeout "$LIMIT" "$PY" scripts/bench_quality.py --mode gpu --data-dir "$WORK/cifar10" --cases 0,2 --strategies uniform,search \
         --device "$DEV" --out "$WORK/fga-quality" --markdown "$OUT/results.md" ${QUALITY_ARGS[@]+"${QUALITY_ARGS[@]}"} 2>&1 | tee "$OUT/quality.txt"

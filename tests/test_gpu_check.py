@@ -63,6 +63,7 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
     assert re.search(
         r"^quality part: [3-8] trials per strategy: \d+ s - final fine-tunes ~\d+ s", gpu, re.M
     ), gpu
+    assert "quality part: dry run: 2 trials per strategy instead" in gpu, gpu
 
     speed = (out / "speed.txt").read_text()
     # 1. throughput of the original and of the FGA model, each against the plain loop
