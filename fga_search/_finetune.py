@@ -213,14 +213,16 @@ def finetune(
             opt.step()
             step += 1
             seen += len(batch.y)
-            loss_value = float(loss.detach()) if step == steps else loss_value
-            if on_epoch is not None and (step % steps_per_epoch == 0 or step == steps):
+            reporting = on_epoch is not None and step % steps_per_epoch == 0
+            if step == steps or reporting:
+                loss_value = float(loss.detach())  # one read (a GPU sync) for both uses
+            if on_epoch is not None and (reporting or step == steps):
                 on_epoch(
                     FinetuneProgress(
                         step=step,
                         steps=steps,
                         epochs_done=seen / n,
-                        loss=float(loss.detach()),
+                        loss=loss_value,
                         seconds=time.perf_counter() - start,
                     )
                 )
