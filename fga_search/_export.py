@@ -307,7 +307,7 @@ def _final_finetune(
     seed: int,
     lr: float | None = None,
     batch_size: int | None = None,
-    quiet: bool = True,
+    quiet: bool,
 ) -> dict[str, Any]:
     """Fine-tune longer on train + validation with distillation from the original model (run on
     every batch, since random crops make cached logits useless). ``lr`` and ``batch_size``
@@ -368,7 +368,7 @@ def _final_finetune(
 
 
 def _trained_model(
-    view: RunView, setup: Any, runner: Any, row: dict[str, Any], plan: Plan, *, quiet: bool = True
+    view: RunView, setup: Any, runner: Any, row: dict[str, Any], plan: Plan, *, quiet: bool
 ) -> tuple[nn.Module, bool]:
     from ._surgery import apply_plan_structure
 
