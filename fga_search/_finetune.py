@@ -216,15 +216,15 @@ def finetune(
             reporting = on_epoch is not None and step % steps_per_epoch == 0
             if step == steps or reporting:
                 loss_value = float(loss.detach())  # one read (a GPU sync) for both uses
-            if on_epoch is not None and (reporting or step == steps):
-                on_epoch(
-                    FinetuneProgress(
-                        step=step,
-                        steps=steps,
-                        epochs_done=seen / n,
-                        loss=loss_value,
-                        seconds=time.perf_counter() - start,
+                if on_epoch is not None:
+                    on_epoch(
+                        FinetuneProgress(
+                            step=step,
+                            steps=steps,
+                            epochs_done=seen / n,
+                            loss=loss_value,
+                            seconds=time.perf_counter() - start,
+                        )
                     )
-                )
     model.eval()
     return FinetuneStats(steps=step, images=seen, seconds=time.perf_counter() - start, final_loss=loss_value)
