@@ -10,6 +10,12 @@ a ridge regression towards the SVD solution, solved in float64 per conv group. I
 already refined in the same pass, and Y from the original network; in the *symmetric* mode both
 come from the original network. Both modes need one forward pass of each network over the
 calibration set, and the statistics use a random subset of output positions per layer.
+
+``lam`` is ``ridge`` times the mean diagonal of Z^T Z. A layer with fewer than 10 sampled positions
+per fitted weight (few calibration images, small spatial sizes such as the 2x2 layers of a CIFAR
+VGG or the 1x1 squeeze-and-excitation convs) would interpolate its rows; there ``lam`` is chosen,
+among 1 to 1e6 times that, on held-out positions, and the SVD solution is kept when no fit
+predicts them better.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ REFINE_MODES = ("asymmetric", "symmetric")
 _TARGET_ELEMENTS = 16 * 2**20
 # Gram matrices below this many multiply-adds are formed in float64, the rest in float32.
 _FLOAT64_GRAM_MACS = 2 * 10**8
+# With fewer rows than this many per fitted weight, the ridge strength is chosen on held-out rows.
+_WELL_DETERMINED = 10
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,14 @@ class _Fitter:
             a = _gram(zj, zj)
             b = _gram(zj, yj)
             yy = float(_gram(yj, yj).trace())
-            lam = self.ridge * float(a.trace()) / a.shape[0] + 1e-12
-            eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-            w = torch.linalg.solve(a + lam * eye, b + lam * w0)
+            weakest = self.ridge * float(a.trace()) / a.shape[0] + 1e-12
+            few_rows = zj.shape[0] < _WELL_DETERMINED * a.shape[0]
+            lam = _held_out_ridge(zj, yj, w0, weakest) if few_rows else weakest
+            if lam is None:
+                w = w0  # no ridge strength did better than the SVD solution on held-out rows
+            else:
+                eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+                w = torch.linalg.solve(a + lam * eye, b + lam * w0)
 
             def sq_err(m: torch.Tensor, a: torch.Tensor = a, b: torch.Tensor = b, yy: float = yy) -> float:
                 return float((m * (a @ m)).sum() - 2 * (m * b).sum()) + yy
@@ -136,6 +149,35 @@ class _Fitter:
         return LayerFit(
             before=math.sqrt(err_before / scale), after=math.sqrt(err_after / scale), samples=z.shape[0]
         )
+
+
+def _held_out_ridge(z: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, lam: float) -> float | None:
+    """The ridge strength, among ``lam`` times 1, 10, ..., 1e6, whose fit on four fifths of the rows
+    best predicts the other fifth; None when none predicts it better than ``w0`` (the SVD solution).
+
+    With few rows per fitted weight (a layer at a small spatial size, or few calibration images)
+    the least-squares fit interpolates its rows and can be far worse than the SVD solution on other
+    images; the held-out rows (every fifth: the rows are random positions already) catch that.
+    The fits for all strengths come from one SVD of the fitting rows: with r = y - z w0 and
+    z = U S V^T, the fit is w0 + V diag(s / (s^2 + lam)) U^T r."""
+    hold = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    hold[::5] = True
+    zf, zh = z[~hold].double(), z[hold].double()
+    rf = y[~hold].double() - zf @ w0
+    rh = y[hold].double() - zh @ w0
+    if zf.shape[0] == 0 or zh.shape[0] == 0:
+        return None
+    u, s, vh = torch.linalg.svd(zf, full_matrices=False)
+    proj = u.T @ rf
+    zv = zh @ vh.T
+    best, best_err = None, float((rh * rh).sum())
+    for k in range(7):
+        candidate = lam * 10.0**k
+        pred = zv @ ((s / (s * s + candidate)).unsqueeze(1) * proj)
+        err = float(((rh - pred) ** 2).sum())
+        if math.isfinite(err) and err < best_err:
+            best, best_err = candidate, err
+    return best
 
 
 def _first_call_only(fn):  # type: ignore[no-untyped-def]

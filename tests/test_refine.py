@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import fga_search._refine as refine_module
 from fga_search import ModelProfile, decomposable_layers, decompose, refine, refinement_report
 from fga_search._evaluate import evaluate
 from fga_search._loader import DeviceSplit
@@ -39,6 +40,46 @@ def test_refine_recovers_a_layer_on_correlated_data() -> None:
         err_svd = float((svd_only(held) - ref).norm() / ref.norm())
         err_ref = float((refined(held) - ref).norm() / ref.norm())
     assert err_ref < 0.9 * err_svd
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refine_does_not_overfit_a_layer_with_few_rows_per_weight(seed: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A 1x1 conv on 1x1 pixels (a squeeze-and-excitation layer) sees one row per image: 24
+    calibration images for 33 weights per output. The least-squares fit interpolates those rows
+    and doubles the error on other images; the ridge chosen on held-out rows keeps the SVD's."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(48, 48, 1, bias=True))
+    plan = {"0": (4, 8)}
+    calib, held = torch.randn(24, 48, 1, 1), torch.randn(256, 48, 1, 1)
+
+    def held_error(m: nn.Module) -> float:
+        with torch.no_grad():
+            ref = model(held)
+            return float((m(held) - ref).norm() / ref.norm())
+
+    err_svd = held_error(decompose(model, plan))
+    refined = decompose(model, plan, calib)
+    assert refinement_report(refined)["0"].samples == 24
+    assert held_error(refined) <= 1.02 * err_svd
+    monkeypatch.setattr(refine_module, "_WELL_DETERMINED", 0)  # every fit as if well determined
+    assert held_error(decompose(model, plan, calib)) > 1.5 * err_svd
+
+
+def test_held_out_ridge_choice() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 20, generator=gen, dtype=torch.float64)
+    w0 = torch.zeros(20, 3, dtype=torch.float64)
+    w_true = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    # a real linear relation and many rows: the weakest ridge fits best
+    assert refine_module._held_out_ridge(z, z @ w_true, w0, 1e-6) == 1e-6
+    # targets unrelated to the inputs: no fit predicts held-out rows better than w0 (zeros)
+    noise = torch.randn(400, 3, generator=gen, dtype=torch.float64)
+    assert refine_module._held_out_ridge(z, noise, w0, 1e-6) is None
+    # fewer fitting rows (12) than weights (20): a relation as strong as the noise gets the
+    # strongest ridge (1e6 times the weakest), a weak one no fit at all
+    few = z[:15]
+    assert refine_module._held_out_ridge(few, few @ w_true + noise[:15], w0, 1e-6) == pytest.approx(1.0)
+    assert refine_module._held_out_ridge(few, few @ (0.1 * w_true) + noise[:15], w0, 1e-6) is None
 
 
 @pytest.mark.parametrize("mode", ["asymmetric", "symmetric"])
