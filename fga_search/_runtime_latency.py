@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._onnx_pool import onnx_ready
 from .latency import Target, measure_side_by_side
 
 __all__ = ["export_latency", "interleaved", "onnx_files_latency", "write_onnx"]
@@ -47,10 +48,11 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
     """Export ``model`` to ONNX as the export writes ``model.onnx``: the TorchScript-based
     exporter (the dynamo one needs onnxscript, not a dependency), a dynamic batch axis, input
     ``input`` and output ``logits``, and no gradients, as a deployed model runs (FGA layers then
-    take their CPU execution)."""
+    take their CPU execution). Adaptive average pools that the exporter refuses at this input size
+    are exported as the equivalent fixed linear map (``_onnx_pool``)."""
     with torch.no_grad():
         torch.onnx.export(
-            model,
+            onnx_ready(model, example),
             (example,),
             path,
             dynamo=False,

@@ -157,9 +157,10 @@ def aux_head_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
     return AuxHead()
 
 
-def odd_pool_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
-    """A digits model that ONNX's TorchScript-based exporter refuses: adaptive pooling from 8x8 to
-    3x3 (an output size that does not divide the input's)."""
+def odd_pool_cnn(num_classes: int = 10, *, pool: str = "avg"):  # type: ignore[no-untyped-def]
+    """A digits model with adaptive pooling from 8x8 to 3x3 (an output size that does not divide
+    the input's), which ONNX's TorchScript-based exporter refuses: for average pooling the export
+    writes the equivalent fixed linear map instead; max pooling has none."""
     from torch import nn
 
     return nn.Sequential(
@@ -167,10 +168,14 @@ def odd_pool_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
         nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(3),
+        nn.AdaptiveAvgPool2d(3) if pool == "avg" else nn.AdaptiveMaxPool2d(3),
         nn.Flatten(),
         nn.Linear(144, num_classes),
     )
+
+
+def odd_max_pool_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
+    return odd_pool_cnn(num_classes, pool="max")
 
 
 def small_aux_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]

@@ -574,10 +574,10 @@ def test_load_exported_rebuilds_from_spec_and_state_dict(tmp_path: Path) -> None
 def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # odd_pool_cnn pools 8x8 to 3x3, which the TorchScript-based ONNX exporter refuses (it also
-    # prints its whole graph to file descriptor 1 on failure: muted)
+    # odd_max_pool_cnn max-pools 8x8 to 3x3, which the TorchScript-based ONNX exporter refuses
+    # (it also prints its whole graph to file descriptor 1 on failure: muted)
     run = tmp_path / "run"
-    args = ["--model", "helpers:odd_pool_cnn", "--trials", "2", "--epochs", "0", "--budget", "0.5"]
+    args = ["--model", "helpers:odd_max_pool_cnn", "--trials", "2", "--epochs", "0", "--budget", "0.5"]
     code = main([*args, "--out", str(run), "--quiet"])
     assert code == 0, capfd.readouterr().err
     capfd.readouterr()
@@ -589,7 +589,7 @@ def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
     assert code == 2
     assert captured.err == (
         "fga-search: error: cannot export the model to ONNX: Unsupported: ONNX export of operator "
-        "adaptive_avg_pool2d, output size that are not factor of input size; export without onnx "
+        "adaptive_max_pool2d, output size that are not factor of input size; export without onnx "
         "(model.pt and TorchScript do not need it)\n"
     )
     assert "graph(" not in captured.out and "Traceback" not in captured.err
@@ -599,6 +599,28 @@ def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
     assert sorted(os.listdir(out)) == ["model.pt", "model.torchscript.pt", "spec.json"]
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(load_exported(out)(x), torch.jit.load(str(out / "model.torchscript.pt"))(x))
+
+
+def test_onnx_export_of_an_average_pool_to_a_size_that_does_not_divide(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # odd_pool_cnn average-pools 8x8 to 3x3 (as a torchvision VGG pools 1x1 to 7x7 on CIFAR-size
+    # images): the exporter alone refuses it; the export writes the equivalent fixed linear map
+    import onnxruntime
+
+    run = tmp_path / "run"
+    args = ["--model", "helpers:odd_pool_cnn", "--trials", "2", "--epochs", "0", "--budget", "0.5"]
+    assert main([*args, "--out", str(run), "--quiet"]) == 0, capfd.readouterr().err
+    out = tmp_path / "export"
+    code = main(["export", str(run), "--out", str(out), "--format", "onnx", "--latency-runs", "0"])
+    assert code == 0, capfd.readouterr().err
+    assert sorted(os.listdir(out)) == ["model.onnx", "model.pt", "spec.json"]
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 8, 8)
+    (got,) = session.run(["logits"], {"input": x.numpy()})
+    with torch.no_grad():
+        expected = load_exported(out)(x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
