@@ -49,9 +49,13 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         return f"input_hw={self.input_hw}, output_hw={self.output_hw}"
 
 
-def _output_hw(pool: nn.AdaptiveAvgPool2d, hw: tuple[int, int]) -> tuple[int, int]:
+def _output_pair(pool: nn.AdaptiveAvgPool2d) -> tuple[int | None, int | None]:
     size = pool.output_size
-    pair = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    return (size, size) if isinstance(size, int) or size is None else (size[0], size[1])
+
+
+def _output_hw(pool: nn.AdaptiveAvgPool2d, hw: tuple[int, int]) -> tuple[int, int]:
+    pair = _output_pair(pool)
     return (pair[0] or hw[0], pair[1] or hw[1])  # None keeps that axis's input size
 
 
@@ -60,7 +64,12 @@ def onnx_ready(model: nn.Module, example: torch.Tensor) -> nn.Module:
     of its input size; otherwise a copy in which those that do not are
     :class:`FixedAdaptiveAvgPool2d` for the input size they saw (a pool called at several input
     sizes is left as it is)."""
-    pools = {name: m for name, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d}
+    pools = {
+        name: m
+        for name, m in model.named_modules()
+        # a pool to 1 (or None: the input's size) on both axes divides every input: no forward pass
+        if type(m) is nn.AdaptiveAvgPool2d and any(size not in (1, None) for size in _output_pair(m))
+    }
     if not pools:
         return model
     seen: dict[str, set[tuple[int, int]]] = {name: set() for name in pools}

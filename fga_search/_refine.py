@@ -160,13 +160,13 @@ def _held_out_ridge(z: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, lam: flo
     images; the held-out rows (every fifth: the rows are random positions already) catch that.
     The fits for all strengths come from one SVD of the fitting rows: with r = y - z w0 and
     z = U S V^T, the fit is w0 + V diag(s / (s^2 + lam)) U^T r."""
+    if z.shape[0] < 2:
+        return None  # no row to fit on, or none to hold out
     hold = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     hold[::5] = True
     zf, zh = z[~hold].double(), z[hold].double()
     rf = y[~hold].double() - zf @ w0
     rh = y[hold].double() - zh @ w0
-    if zf.shape[0] == 0 or zh.shape[0] == 0:
-        return None
     u, s, vh = torch.linalg.svd(zf, full_matrices=False)
     proj = u.T @ rf
     zv = zh @ vh.T
