@@ -51,6 +51,27 @@ def apply_cpu_execution(model: nn.Module, layers: dict[str, str]) -> None:
         module.set_cpu_execution(execution)
 
 
+def _geometry(
+    layer: FGAConv2d, shape: tuple[int, ...], executions: Sequence[str], threads: int | None
+) -> tuple[object, ...]:
+    """What a layer's timing depends on: its structure and input size, the ways allowed, the threads."""
+    return (
+        layer.in_channels,
+        layer.out_channels,
+        tuple(layer.kernel_size),
+        tuple(layer.grouped.stride),
+        tuple(layer.grouped.padding),  # type: ignore[arg-type]
+        tuple(layer.grouped.dilation),
+        layer.base_groups,
+        layer.groups,
+        layer.rank,
+        layer.pointwise.bias is not None,
+        shape,
+        tuple(_executions(layer, executions)),
+        threads,
+    )
+
+
 @torch.inference_mode()
 def _layer_inputs(
     model: nn.Module, names: Sequence[str], input_shape: Sequence[int]
@@ -77,6 +98,7 @@ def choose_cpu_execution(
     threads: int | None = None,
     runs: int = 50,
     executions: Sequence[str] = CPU_EXECUTIONS,
+    memo: dict[tuple[object, ...], str] | None = None,
 ) -> dict[str, Any]:
     """Time each eligible FGA layer of ``model`` (on the CPU, batch 1, float32) every way it can
     run (grouped, block-diagonal, dense) and pick the fastest; then time the whole model as it was,
@@ -85,7 +107,10 @@ def choose_cpu_execution(
     returns what was chosen and measured: ``layers`` (name -> ``"block_diagonal"`` or ``"dense"``,
     the layers changed; empty if none was kept), ``before_ms``, ``after_ms`` (the kept option, or
     the fastest one), ``per_layer_ms``, ``all_block_diagonal_ms``, ``all_dense_ms`` and ``kept``.
-    ``executions`` limits the ways tried (``"grouped"`` is always one)."""
+    ``executions`` limits the ways tried (``"grouped"`` is always one). Layers of one geometry
+    (channels, kernel, stride, padding, dilation, groups, rank, bias, input size) take the way
+    timed for the first of them; ``memo`` (a dict, filled here) carries those picks over to
+    later calls, e.g. for the members of one Pareto front."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
     if isinstance(executions, str) or any(way not in CPU_EXECUTIONS for way in executions):
@@ -98,19 +123,24 @@ def choose_cpu_execution(
         return result
     shapes = _layer_inputs(model, list(eligible), input_shape)
     rounds = max(1, runs // 10)
+    # Timings depend on a layer's geometry, not on its weights: each geometry is timed once (a
+    # ResNet-56 plan has a few distinct ones among its 55 layers), and across calls with ``memo``.
+    fastest_of = memo if memo is not None else {}
     chosen: dict[str, str] = {}
     for name, layer in eligible.items():
         if name not in shapes:  # not reached by the forward pass
             continue
-        ways: dict[str, nn.Module] = {"grouped": layer}
-        for execution in _executions(layer, executions)[1:]:
-            way = copy.deepcopy(layer)
-            way.set_cpu_execution(execution)
-            ways[execution] = way
-        ms = measure_side_by_side(ways, input_shape=shapes[name], target=target, rounds=rounds)
-        fastest = min(ms, key=ms.__getitem__)
-        if fastest != "grouped":
-            chosen[name] = fastest
+        key = _geometry(layer, shapes[name], executions, threads)
+        if key not in fastest_of:
+            ways: dict[str, nn.Module] = {"grouped": layer}
+            for execution in _executions(layer, executions)[1:]:
+                way = copy.deepcopy(layer)
+                way.set_cpu_execution(execution)
+                ways[execution] = way
+            ms = measure_side_by_side(ways, input_shape=shapes[name], target=target, rounds=rounds)
+            fastest_of[key] = min(ms, key=ms.__getitem__)
+        if fastest_of[key] != "grouped":
+            chosen[name] = fastest_of[key]
     # Layers cost more inside the model than alone, so the whole model decides, side by side:
     # the per-layer picks, every grouped conv block-diagonal (what a trial's measurement takes
     # when it is faster: the export must not lose it) and every pair folded dense (about the

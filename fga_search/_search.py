@@ -546,10 +546,13 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     models = {"original": as_deployed(base, target)}
     block_diagonal: dict[str, int] = {}
     dense: dict[str, int] = {}
+    memo: dict[tuple[object, ...], str] = {}  # members share most layer geometries: time each once
     for row in front:
         member = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
         # as the export will run it on this CPU
-        chosen = choose_cpu_execution(member, input_shape=setup.data.input_shape, runs=FRONT_LATENCY_RUNS)
+        chosen = choose_cpu_execution(
+            member, input_shape=setup.data.input_shape, runs=FRONT_LATENCY_RUNS, memo=memo
+        )
         ways = list(chosen["layers"].values())
         block_diagonal[str(row["trial"])] = ways.count("block_diagonal")
         dense[str(row["trial"])] = ways.count("dense")

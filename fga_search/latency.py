@@ -157,6 +157,45 @@ def _prepare(module: nn.Module, target: Target) -> nn.Module:
     return m
 
 
+def _input(input_shape: Sequence[int], target: Target) -> torch.Tensor:
+    x = torch.randn((target.batch, *input_shape), device=target.torch_device, dtype=target.torch_dtype)
+    return x.contiguous(memory_format=torch.channels_last) if target.channels_last else x
+
+
+def _timings_ms(
+    model: nn.Module, x: torch.Tensor, target: Target, *, warmup: int, repeats: int
+) -> list[float]:
+    """Forward times (ms) of a model already on the target (``_prepare``), after warm-up."""
+    if target.device == "cpu":
+        times: list[float] = []
+        with _threads(target.threads):
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        for _ in range(max(warmup, 3)):
+            model(x)
+        torch.cuda.synchronize(target.torch_device)
+        pairs = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeats)
+        ]
+        for begin, end in pairs:
+            begin.record()
+            model(x)
+            end.record()
+        torch.cuda.synchronize(target.torch_device)
+        return [begin.elapsed_time(end) for begin, end in pairs]
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 @torch.inference_mode()
 def measure_latency(
     module: nn.Module,
@@ -169,38 +208,9 @@ def measure_latency(
     """Median forward latency of ``module`` (a copy of it, on the target) for one batch."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    model = _prepare(module, target)
-    x = torch.randn((target.batch, *input_shape), device=target.torch_device, dtype=target.torch_dtype)
-    if target.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times: list[float] = []
-    if target.device == "cpu":
-        with _threads(target.threads):
-            for _ in range(warmup):
-                model(x)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                times.append((time.perf_counter() - start) * 1e3)
-    else:
-        old = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            for _ in range(max(warmup, 3)):
-                model(x)
-            torch.cuda.synchronize(target.torch_device)
-            pairs = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                for _ in range(repeats)
-            ]
-            for begin, end in pairs:
-                begin.record()
-                model(x)
-                end.record()
-            torch.cuda.synchronize(target.torch_device)
-            times = [begin.elapsed_time(end) for begin, end in pairs]
-        finally:
-            torch.backends.cudnn.benchmark = old
+    times = _timings_ms(
+        _prepare(module, target), _input(input_shape, target), target, warmup=warmup, repeats=repeats
+    )
     ordered = sorted(times)
     return LatencyStats(
         median_ms=statistics.median(times),
@@ -210,6 +220,7 @@ def measure_latency(
     )
 
 
+@torch.inference_mode()
 def measure_side_by_side(
     models: Mapping[str, nn.Module],
     *,
@@ -219,15 +230,19 @@ def measure_side_by_side(
     repeats: int = 10,
 ) -> dict[str, float]:
     """Median latency (ms) of each model, measured round by round in turn (``repeats`` timed
-    passes each per round, the median of the rounds' medians), so that drift of the machine hits
-    all of them alike: their ratios are what to read."""
+    passes each per round after 3 warm-up passes, the median of the rounds' medians), so that
+    drift of the machine hits all of them alike: their ratios are what to read. Each model is
+    copied to the target once, and all of them take the same input."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    prepared = {name: _prepare(model, target) for name, model in models.items()}
+    x = _input(input_shape, target)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
-        for name, model in models.items():
-            stats = measure_latency(model, input_shape=input_shape, target=target, warmup=3, repeats=repeats)
-            times[name].append(stats.median_ms)
+        for name, model in prepared.items():
+            times[name].append(statistics.median(_timings_ms(model, x, target, warmup=3, repeats=repeats)))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

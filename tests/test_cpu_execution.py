@@ -132,6 +132,35 @@ def test_layers_faster_grouped_alone_can_still_run_dense(
     assert choose_cpu_execution(cnn(12), input_shape=(3, 16, 16))["candidates"] == 0  # no FGA layer
 
 
+def test_each_layer_geometry_is_timed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers of one geometry (channels, kernel, stride, groups, rank, input size) share one
+    timing and one pick; ``memo`` carries the picks over to the next model."""
+    timed: list[list[str]] = []
+    ms = {"grouped": 2.0, "block_diagonal": 1.0, "dense": 1.5, "before": 1.0, "after": 0.5}
+    ms.update({"all block-diagonal": 0.7, "all dense": 0.9})
+
+    def measure(models: dict[str, nn.Module], **_: object) -> dict[str, float]:
+        timed.append(list(models))
+        return {name: ms[name] for name in models}
+
+    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", measure)
+    torch.manual_seed(0)
+    same = nn.Sequential(*(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))).eval()
+    plan = {"0": (2, 3), "1": (2, 3), "2": (2, 3), "3": (4, 2)}  # two geometries
+    memo: dict[tuple[object, ...], str] = {}
+    result = choose_cpu_execution(decompose(same, plan), input_shape=(8, 8, 8), memo=memo)
+    layer_timings = [t for t in timed if "grouped" in t]
+    assert len(layer_timings) == 2 and len(memo) == 2
+    assert result["layers"] == {name: "block_diagonal" for name in plan} and result["kept"]
+    timed.clear()
+    again = choose_cpu_execution(decompose(same, {**plan, "3": (2, 3)}), input_shape=(8, 8, 8), memo=memo)
+    assert [t for t in timed if "grouped" in t] == []  # every geometry already timed
+    assert again["layers"] == {name: "block_diagonal" for name in plan}
+    timed.clear()
+    choose_cpu_execution(decompose(same, plan), input_shape=(8, 16, 16), memo=memo)
+    assert len([t for t in timed if "grouped" in t]) == 2  # another input size: timed anew
+
+
 def test_the_ways_tried_can_be_limited(monkeypatch: pytest.MonkeyPatch) -> None:
     ms = {"grouped": 2.0, "block_diagonal": 1.5, "dense": 1.0, "before": 1.0, "after": 0.5}
     monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))

@@ -237,6 +237,30 @@ def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency
     assert set(ms) == {"a", "b"} and min(ms.values()) > 0
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         measure_side_by_side({"a": wide_cnn()}, input_shape=(1, 8, 8), target=Target.parse("cpu:1"), rounds=0)
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        measure_side_by_side(
+            {"a": wide_cnn()}, input_shape=(1, 8, 8), target=Target.parse("cpu:1"), repeats=0
+        )
+
+
+def test_side_by_side_copies_each_model_to_the_target_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rounds time the same copies: a copy per model, not per model and round."""
+    import fga_search.latency as latency
+
+    copies: list[int] = []
+    prepare = latency._prepare
+
+    def counted(module: nn.Module, target: Target) -> nn.Module:
+        copies.append(id(module))
+        return prepare(module, target)
+
+    monkeypatch.setattr("fga_search.latency._prepare", counted)
+    models = {"a": wide_cnn(), "b": wide_cnn()}
+    ms = latency.measure_side_by_side(
+        models, input_shape=(1, 8, 8), target=Target.parse("cpu:1"), rounds=4, repeats=2
+    )
+    assert set(ms) == {"a", "b"} and min(ms.values()) > 0
+    assert sorted(copies) == sorted(id(m) for m in models.values())
 
 
 def test_a_model_is_timed_as_its_export_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
