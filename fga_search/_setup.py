@@ -309,7 +309,7 @@ def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = 
         cudnn_benchmark=config.cudnn_benchmark,
         calibration=min(config.calibration, len(data.train)),
         recalibration=config.recalibration,
-        eval_batch=512 if device.type == "cuda" else 256,
+        eval_batch=512 if device.type == "cuda" else 64,
         latency_target=latency.table.target if latency is not None else None,
         latency_base_ms=latency.base_ms if latency is not None else None,
         max_latency_ratio=config.budget if config.budget_metric == "latency" else None,

@@ -54,7 +54,7 @@ class TrialSettings:
     calibration: int = 256  # images for data-driven refinement
     recalibration: int = 1024  # images for BN recalibration
     refine_mode: str = "asymmetric"
-    eval_batch: int = 512  # the setup uses 256 on CPUs (0.67-0.77x the time of 512: scripts/bench_eval.py)
+    eval_batch: int = 512  # the setup uses 64 on CPUs (faster there: scripts/bench_eval.py)
     device_data_bytes: int = 8 * 2**30  # larger splits stay in pinned host memory
     cudnn_benchmark: bool = False  # autotune cuDNN kernels for each new shape during trials
     recalibrate_after_steps: int = 200  # re-estimate BN statistics after fine-tunes shorter than this

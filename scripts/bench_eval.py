@@ -1,11 +1,12 @@
 """Evaluation throughput by batch size on this machine's CPU: why trials evaluate in batches of
-256 on CPUs (and 512 on GPUs).
+64 on CPUs (and 512 on GPUs).
 
-The original ResNet-56 and its error-allocation FGA model at 20 % of the FLOPs are scored on
-2,000 validation images of the shared CIFAR-10 at several batch sizes; every batch size is timed
-side by side, round by round, and the medians are printed with their ratio to batch 512.
+For each model (the shared ResNet-56 and VGG-16 by default), the original and its
+error-allocation FGA model at 20 % of the FLOPs are scored on 2,000 validation images of the
+shared CIFAR-10 at several batch sizes; every batch size is timed side by side, round by round,
+and the medians are printed with their ratio to batch 512.
 
-    python scripts/bench_eval.py [--rounds 3] [--threads 2]
+    python scripts/bench_eval.py [--rounds 3] [--threads 2] [--models resnet56,vgg16_cifar]
 """
 
 from __future__ import annotations
@@ -22,19 +23,32 @@ from fga_search._evaluate import evaluate
 from fga_search._setup import make_runner, prepare
 from fga_search._strategies import error_alloc_plan
 
-BATCHES = (64, 128, 256, 512)
+BATCHES = (32, 64, 128, 256, 512)
+WEIGHTS = {"resnet56": "resnet56_cifar10.pt", "vgg16_cifar": "vgg16_cifar10.pt"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--models", default=",".join(WEIGHTS), help=f"comma-separated, of {', '.join(WEIGHTS)}"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    names = [name for name in args.models.split(",") if name]
+    for name in names:
+        if name not in WEIGHTS:
+            parser.error(f"unknown model {name!r}; choose from {', '.join(WEIGHTS)}")
+    for name in names:
+        bench(name, args)
+
+
+def bench(model_name: str, args: argparse.Namespace) -> None:
     config = RunConfig(
         out="runs/bench-eval",
-        model="resnet56",
-        weights=checkpoint("resnet56_cifar10.pt"),
+        model=model_name,
+        weights=checkpoint(WEIGHTS[model_name]),
         dataset="imagefolder",
         data_dir=cifar_dir(),
         train_limit=2_000,
@@ -57,7 +71,9 @@ def main() -> None:
                 start = time.perf_counter()
                 evaluate(model, runner.val, batch_size=batch)
                 times.setdefault((name, batch), []).append(time.perf_counter() - start)
-    print(f"evaluation of {len(runner.val)} images, {args.threads} CPU threads, medians of {args.rounds}:")
+    print(
+        f"{model_name}: evaluation of {len(runner.val)} images, {args.threads} CPU threads, medians of {args.rounds}:"
+    )
     for name in models:
         ref = statistics.median(times[(name, 512)])
         cells = ", ".join(
