@@ -9,6 +9,8 @@ from pathlib import Path
 
 # ../shared beside the checkout, or FGA_SHARED_DIR (the GPU check carries a copy in .gpu/shared)
 SHARED = Path(os.environ.get("FGA_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
+# the shared trained models: zoo name -> checkpoint file in SHARED / "models"
+WEIGHTS = {"resnet56": "resnet56_cifar10.pt", "vgg16_cifar": "vgg16_cifar10.pt"}
 
 
 def cifar_dir() -> str:

@@ -17,14 +17,13 @@ import time
 
 import torch
 
-from _bench_common import checkpoint, cifar_dir
+from _bench_common import WEIGHTS, checkpoint, cifar_dir
 from fga_search._config import RunConfig
 from fga_search._evaluate import evaluate
 from fga_search._setup import make_runner, prepare
 from fga_search._strategies import error_alloc_plan
 
 BATCHES = (32, 64, 128, 256, 512)
-WEIGHTS = {"resnet56": "resnet56_cifar10.pt", "vgg16_cifar": "vgg16_cifar10.pt"}
 
 
 def main() -> None:

@@ -22,12 +22,10 @@ import time
 import torch
 
 import fga_search._refine as refine_module
-from _bench_common import checkpoint, cifar_dir
+from _bench_common import WEIGHTS, checkpoint, cifar_dir
 from fga_search._config import RunConfig
 from fga_search._setup import make_runner, prepare
 from fga_search._strategies import uniform_plan
-
-WEIGHTS = {"resnet56": "resnet56_cifar10.pt", "vgg16_cifar": "vgg16_cifar10.pt"}
 
 
 def main() -> None:
