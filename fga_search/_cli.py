@@ -97,6 +97,13 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bf16", "fp16"],
         help="dtype on the target (default float32)",
     )
+    g.add_argument(
+        "--front-latency-runs",
+        type=int,
+        default=30,
+        help="without --target, time the front's members and the original side by side on this CPU after "
+        "the search (batch 1, as exported), medians of this many runs (>= 10; 0 skips; default 30)",
+    )
     g = p.add_argument_group("each trial")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size (default 128)")

@@ -30,6 +30,8 @@ class RunConfig:
     target: str | None = None  # where latency is measured: cpu, cpu:THREADS, cuda, cuda:N
     target_batch: int = 1
     target_dtype: str = "float32"
+    # without a latency target: time the front's members on this CPU after the search (0: skip)
+    front_latency_runs: int = 30
     trials: int = 40
     epochs: float = 1.0
     device: str | None = None
@@ -82,6 +84,12 @@ class RunConfig:
             )
         if self.target_batch < 1:
             bad("target_batch", self.target_batch, "must be >= 1")
+        if (
+            isinstance(self.front_latency_runs, bool)
+            or not isinstance(self.front_latency_runs, int)
+            or not (self.front_latency_runs == 0 or self.front_latency_runs >= 10)
+        ):
+            bad("front_latency_runs", self.front_latency_runs, "must be 0 (skip) or an integer >= 10")
         if self.trials < 1:
             bad("trials", self.trials, "must be >= 1")
         if not (math.isfinite(self.epochs) and self.epochs >= 0):

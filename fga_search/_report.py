@@ -556,6 +556,7 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
             ),
             ("hypervolume", f"{hv[-1]:.4f}" if hv else "—"),
             ("front", f"{len(view.front)} models (from {view.front_source})"),
+            *_latency_rows(latency, cpu_latency, cpu_timing, config),
             ("created", str(record.get("created", "—"))),
             (
                 "versions",
@@ -808,3 +809,29 @@ def write_report(run_dir: str, *, out: str | None = None) -> tuple[str, str]:
     )
     _write_atomic(html_path, _render_html(doc, title=title, subtitle=subtitle, footer=footer).encode())
     return html_path, md_path
+
+
+def _latency_rows(
+    latency: bool, cpu_latency: bool, cpu_timing: dict[str, Any], config: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """The run table's line on how latency was measured, or why it was not."""
+    if latency:
+        return []
+    if cpu_latency:
+        return [
+            (
+                "latency",
+                f"the front's members and the original timed side by side on this CPU after the search "
+                f"({cpu_timing.get('device', '—')}, batch 1, as exported, medians of {cpu_timing.get('runs', '—')} "
+                "runs): the CPU latency columns",
+            )
+        ]
+    if config.get("front_latency_runs") == 0:
+        return [
+            (
+                "latency",
+                "not measured (--front-latency-runs 0); `fga-search export` times the exported model "
+                "against the original on this CPU",
+            )
+        ]
+    return []

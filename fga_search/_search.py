@@ -527,7 +527,6 @@ PARETO_SCHEMA = (
     .append(pa.field("cpu_latency_ms", pa.float64()))
     .append(pa.field("cpu_latency_ratio", pa.float64()))
 )
-FRONT_LATENCY_RUNS = 30  # timed runs per model for the front's CPU latency (3 rounds of 10)
 
 
 def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[str, Any]]) -> None:
@@ -535,8 +534,10 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     float32, eager PyTorch), side by side, so that the report shows FLOPs and latency side by side
     even for a FLOPs-only search. Latency does not depend on the weights: the plans' structures
     are timed, each with the CPU execution its export would choose (``choose_cpu_execution``) and
-    its batch norms folded, the original's alike (``as_deployed``)."""
-    if setup.latency is not None or not front:
+    its batch norms folded, the original's alike (``as_deployed``). Each model runs
+    ``front_latency_runs`` times (rounds of 10, side by side; 0 skips the step)."""
+    runs = setup.config.front_latency_runs // 10 * 10
+    if setup.latency is not None or not front or runs == 0:
         return
     from ._cpu_execution import choose_cpu_execution
     from .latency import Target, as_deployed, measure_side_by_side
@@ -550,15 +551,13 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     for row in front:
         member = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
         # as the export will run it on this CPU
-        chosen = choose_cpu_execution(
-            member, input_shape=setup.data.input_shape, runs=FRONT_LATENCY_RUNS, memo=memo
-        )
+        chosen = choose_cpu_execution(member, input_shape=setup.data.input_shape, runs=runs, memo=memo)
         ways = list(chosen["layers"].values())
         block_diagonal[str(row["trial"])] = ways.count("block_diagonal")
         dense[str(row["trial"])] = ways.count("dense")
         models[str(row["trial"])] = as_deployed(member, target)
     ms = measure_side_by_side(
-        models, input_shape=setup.data.input_shape, target=target, rounds=FRONT_LATENCY_RUNS // 10, repeats=10
+        models, input_shape=setup.data.input_shape, target=target, rounds=runs // 10, repeats=10
     )
     for row in front:
         row["cpu_latency_ms"] = ms[str(row["trial"])]
@@ -570,7 +569,7 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
             "batch": 1,
             "dtype": "float32",
             "runtime": f"eager PyTorch {torch.__version__}",
-            "runs": FRONT_LATENCY_RUNS,
+            "runs": runs,
             "original_ms": ms["original"],
             "trials": {str(row["trial"]): ms[str(row["trial"])] for row in front},
             "block_diagonal_layers": block_diagonal,  # grouped convs run block-diagonal (as exported)

@@ -80,6 +80,11 @@ def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], h
             f"CPU latency {r['cpu_latency_ratio']:.3f}, params {r['params_ratio']:.3f}"
         ) in output
     report = (run / "report.md").read_text()
+    assert (
+        "| latency | the front's members and the original timed side by side on this CPU after the search"
+        in report
+    )
+    assert "batch 1, as exported, medians of 30 runs" in report
     header = next(line for line in report.splitlines() if line.startswith("| trial | pick |"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols[cols.index("MACs") + 1 : cols.index("MACs") + 3] == ["CPU latency", "CPU latency %"]
@@ -146,6 +151,13 @@ def test_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: lis
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_bad_front_latency_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_main(["--front-latency-runs", "5", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert err == "fga-search: error: --front-latency-runs must be 0 (skip) or an integer >= 10, got 5\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_choice_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -102,6 +102,25 @@ def test_python_api_search_and_failed_trials(tmp_path: Path, monkeypatch: pytest
         search(out=str(tmp_path / "x"), budgett=0.3)
 
 
+def test_front_latency_can_be_skipped(tmp_path: Path) -> None:
+    """--front-latency-runs 0: no CPU timing of the front after the search, and the report says so."""
+    result = search(
+        out=str(tmp_path / "run"), budget=0.3, trials=4, epochs=0.0, quiet=True, front_latency_runs=0
+    )
+    assert result.finished == 4 and result.front
+    assert not (tmp_path / "run" / "front_latency.json").exists()
+    front = rows(tmp_path / "run" / "pareto.parquet")
+    assert len(front) == len(result.front)
+    assert all(r["cpu_latency_ms"] is None and r["cpu_latency_ratio"] is None for r in front)
+    assert all(r["test_acc"] is not None for r in front)  # the rest of the front's finishing still runs
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "not measured (--front-latency-runs 0)" in report and "CPU latency %" not in report
+    for runs in (5, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"--front-latency-runs must be 0 \(skip\) or an integer >= 10"):
+            search(out=str(tmp_path / "x"), front_latency_runs=runs)
+    assert not (tmp_path / "x").exists()
+
+
 def test_trials_evaluate_in_batches_sized_for_the_device(tmp_path: Path) -> None:
     """64 on a CPU (0.55-0.63x the time of 512 for FGA models there, 0.70-0.91x that of 256:
     scripts/bench_eval.py); 512 on a GPU."""
