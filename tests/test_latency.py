@@ -128,9 +128,20 @@ def test_calibration_fits_the_estimates_to_one_measured_plan(
     assert lat.estimate_ms(both) == pytest.approx(lat.base_ms + raw_both)
     with pytest.raises(ValueError, match="measured_ms must be positive, got 0"):
         lat.calibrate(both, 0.0)
-    # a plan that changes the estimate by less than the threshold is too noisy to calibrate on
+    # a plan that changes the estimate by less than the threshold, in the table and as measured,
+    # is too noisy to calibrate on
     monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 2 * abs(raw_both) / lat.base_ms)
     assert lat.calibrate(both, lat.base_ms + 0.5 * raw_both) == 1.0
+    assert lat.estimate_ms(both) == pytest.approx(lat.base_ms + raw_both)
+    # ... but a measured change over the threshold calibrates even a small table change: a table
+    # timed while the machine ran faster than it does now
+    monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 1.4 * abs(raw_both) / lat.base_ms)
+    now = lat.base_ms + 3 * raw_both / 2  # -0.9 of the original: over the threshold of 0.84
+    assert lat.calibrate(both, now) == pytest.approx(1.5)
+    assert lat.estimate_ms(both) == pytest.approx(now)
+    assert lat.ratio(one) == pytest.approx(1 + 1.5 * raw_one / lat.base_ms)
+    monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 1.6 * abs(raw_both) / lat.base_ms)
+    assert lat.calibrate(both, now) == 1.0  # both changes under the threshold of 0.96
 
 
 @pytest.mark.slow
