@@ -186,11 +186,17 @@ def check_latency_budget(budget: float, latency: LatencyModel, fastest: Plan, ta
     fastest option, from the lookup table) is estimated above it."""
     floor = latency.ratio(fastest)
     if floor > budget:
-        rest = latency.rest_ms / latency.base_ms
+        if latency.rest_ms >= 0:
+            why = f"everything but the convolutions takes {latency.rest_ms / latency.base_ms:.0%} of it"
+        else:  # layers timed one at a time can cost more than inside the model: no share to state
+            why = (
+                f"its convolutions, timed one at a time, add up to {latency.base_ms - latency.rest_ms:.2f} ms, "
+                "more than the whole model"
+            )
         raise LatencyBudgetError(
             f"--budget {budget:g} of the latency is out of reach on {target.hardware()}: the fastest "
             f"plan of the space is estimated at {floor:.2f} of the original's {latency.base_ms:.2f} ms "
-            f"(everything but the convolutions takes {rest:.0%} of it); use --budget {floor + 0.01:.2f} or more",
+            f"({why}); use --budget {floor + 0.01:.2f} or more",
             floor=floor,
         )
 

@@ -224,6 +224,33 @@ def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path) 
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("rest_share", [0.3, -0.25])
+def test_refused_latency_budget_names_a_share_only_when_there_is_one(
+    wide_latency: LatencyModel, rest_share: float
+) -> None:
+    """The refusal says how much of the original's time lies outside the convolutions; when the
+    convolutions, timed one at a time, add up to more than the whole model (a share below zero),
+    it says that instead of printing a negative percentage."""
+    from fga_search._setup import LatencyBudgetError, check_latency_budget
+
+    lat = wide_latency
+    lat.rest_ms = rest_share * lat.base_ms
+    fastest = {name: (1, 1) for name in lat.dense}
+    with pytest.raises(LatencyBudgetError) as info:
+        check_latency_budget(0.0, lat, fastest, lat.table.target)
+    message = str(info.value)
+    assert info.value.floor == pytest.approx(lat.ratio(fastest))
+    assert f"use --budget {info.value.floor + 0.01:.2f} or more" in message
+    if rest_share >= 0:
+        assert "everything but the convolutions takes 30% of it" in message
+    else:
+        assert "%" not in message
+        assert (
+            f"timed one at a time, add up to {1.25 * lat.base_ms:.2f} ms, more than the whole model"
+            in message
+        )
+
+
 def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency: LatencyModel) -> None:
     from fga_search._setup import calibrate_latency
     from fga_search._space import load_space
