@@ -36,7 +36,7 @@ class CostModel:
     def layer(self, name: str, choice: tuple[int, int] | str) -> float:
         if self.metric == "latency":
             assert self.latency is not None
-            return self.latency.layer_ms(name, choice)
+            return self.latency.calibrated_layer_ms(name, choice)
         cost = self.profile.layer_cost(self.profile.by_name[name], choice)
         return float(cost.macs if self.metric == "flops" else cost.params)
 

@@ -465,10 +465,18 @@ class LatencyModel:
         return self.scale
 
     def layer_ms(self, name: str, choice: tuple[int, int] | str) -> float:
+        """The layer's latency with ``choice`` as the table has it (not calibrated)."""
         if choice == KEEP:
             return self.dense.get(name, 0.0)
         info = self.profile.by_name[name]
         return self.table.estimate(info, self.profile.in_hw[name], choice)
+
+    def calibrated_layer_ms(self, name: str, choice: tuple[int, int] | str) -> float:
+        """The layer's share of ``estimate_ms``: its dense latency plus the calibrated change of
+        ``choice``, so that per-layer costs (what the repair and the error allocation weigh) add
+        up to the whole-model estimate that the budget is checked against."""
+        dense = self.dense.get(name, 0.0)
+        return dense + self.scale * (self.layer_ms(name, choice) - dense)
 
     def estimate_ms(self, plan: Mapping[str, tuple[int, int] | str]) -> float:
         return self.baseline.median_ms + self.scale * self._table_change_ms(plan)

@@ -3,6 +3,8 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
+
 from fga_search import KEEP, ModelProfile, build_model
 from fga_search._cost import CostModel
 from fga_search._repair import repair
@@ -95,3 +97,36 @@ def test_latency_repair_switches_layers_whose_pairs_are_slower_at_any_rank(
     assert cost.ratio(fixed) <= 1.0
     switched = [name for name, choice in fixed.items() if choice == KEEP or choice[0] == 1]
     assert switched  # at least one layer left its slow grouped pair
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_latency_repair_aims_at_the_calibrated_estimate(tmp_path, monkeypatch, scale: float) -> None:  # type: ignore[no-untyped-def]
+    """With the table's changes scaled (calibrated on a measured plan), the repair prices its
+    moves with the same scale as the estimate it must bring within budget: the repaired plan's
+    estimate fits, and the plan is the one the unscaled table gives at the equivalent budget."""
+    from fga_search.latency import LatencyModel, LatencyTable, Target
+    from helpers import wide_cnn
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = wide_cnn()
+    profile = ModelProfile(model, input_shape=(1, 8, 8))
+    space = load_space("default").resolve(profile.layers)
+    table = LatencyTable(Target.parse("cpu:1"))
+    for info in profile.layers:
+        hw = profile.in_hw[info.name]
+        table.entries[table.entry_key(info, hw, KEEP)] = 0.1
+        for g in info.valid_groups:
+            for r in range(1, info.exact_rank(g) + 1):
+                table.entries[table.entry_key(info, hw, (g, r))] = 0.02 + 0.06 * r / info.exact_rank(g)
+    lat = LatencyModel(model, profile, table, repeats=5)
+    cost = CostModel(profile, "latency", latency=lat)
+    spectra = SpectralTable(model)
+    full = {layer.name: (1, layer.info.exact_rank(1)) for layer in space.layers}
+    change = cost.ratio(full) - 1.0  # the unscaled table's change of the full-rank plan
+    assert change < 0
+    budget = 1.0 + 2 * change * scale  # twice the full-rank plan's change, as the scaled table sees it
+    lat.scale = scale
+    fixed = repair(full, cost=cost, spectra=spectra, space=space, budget=budget)
+    assert fixed != full and cost.ratio(fixed) <= budget + 1e-12
+    lat.scale = 1.0
+    assert fixed == repair(full, cost=cost, spectra=spectra, space=space, budget=1.0 + (budget - 1.0) / scale)
