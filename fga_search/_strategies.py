@@ -179,7 +179,8 @@ def _choice(
                 best = (c, (g, r))
     if slack == 0.0 or best[1] == KEEP:
         return best
-    bound = best[0] * (1.0 + slack)
+    # (a calibrated latency cost is the layer's share of the estimate and can be below zero)
+    bound = best[0] + abs(best[0]) * slack
     if keep <= bound:
         return keep, KEEP
     return max((o for o in under if o[0] <= bound), key=lambda o: (o[1][0], -o[0]))

@@ -116,6 +116,29 @@ def wide_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
     )
 
 
+def wide_cnn_latency(pair_ms, *, dense_ms: float = 0.1):  # type: ignore[no-untyped-def]
+    """``wide_cnn`` on 1x8x8 inputs, its default space and a latency model on one CPU thread
+    whose table is written by hand: every dense layer ``dense_ms``, each FGA candidate
+    ``pair_ms(info, g, r)``; only the whole original is measured. Set XDG_CACHE_HOME first."""
+    from fga_search import KEEP, ModelProfile
+    from fga_search._space import load_space
+    from fga_search.latency import LatencyModel, LatencyTable, Target
+
+    model = wide_cnn()
+    profile = ModelProfile(model, input_shape=(1, 8, 8))
+    space = load_space("default").resolve(profile.layers)
+    table = LatencyTable(Target.parse("cpu:1"))
+    for info in profile.layers:
+        hw = profile.in_hw[info.name]
+        table.entries[table.entry_key(info, hw, KEEP)] = dense_ms
+        for g in info.valid_groups:
+            for r in range(1, info.exact_rank(g) + 1):
+                table.entries[table.entry_key(info, hw, (g, r))] = pair_ms(info, g, r)
+    lat = LatencyModel(model, profile, table, repeats=5)
+    assert table.measured == 0  # every layer time came from the table
+    return model, profile, space, lat
+
+
 def linear_heavy_cnn(num_classes: int = 10):  # type: ignore[no-untyped-def]
     """A digits model whose FLOPs are almost all in linear layers: no FLOPs budget far under 1 fits."""
     from torch import nn

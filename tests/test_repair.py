@@ -70,22 +70,10 @@ def test_latency_repair_switches_layers_whose_pairs_are_slower_at_any_rank(
     """A table (as read from disk) where every grouped pair is slower than the dense conv at any
     rank and g = 1 is faster: lowering ranks cannot meet a budget under the original's latency;
     switching layers to g = 1 (or dense) can."""
-    from fga_search.latency import LatencyModel, LatencyTable, Target
-    from helpers import wide_cnn
+    from helpers import wide_cnn_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    model = wide_cnn()
-    profile = ModelProfile(model, input_shape=(1, 8, 8))
-    space = load_space("default").resolve(profile.layers)
-    table = LatencyTable(Target.parse("cpu:1"))
-    for info in profile.layers:
-        hw = profile.in_hw[info.name]
-        table.entries[table.entry_key(info, hw, KEEP)] = 0.1
-        for g in info.valid_groups:
-            for r in range(1, info.exact_rank(g) + 1):
-                table.entries[table.entry_key(info, hw, (g, r))] = (0.05 if g == 1 else 0.2) + 1e-4 * r
-    lat = LatencyModel(model, profile, table, repeats=5)
-    assert table.measured == 0  # every layer time came from the table
+    model, profile, space, lat = wide_cnn_latency(lambda info, g, r: (0.05 if g == 1 else 0.2) + 1e-4 * r)
     cost = CostModel(profile, "latency", latency=lat)
     searched = [layer for layer in space.layers if max(layer.groups) > 1]
     assert len(searched) >= 2
@@ -104,21 +92,10 @@ def test_latency_repair_aims_at_the_calibrated_estimate(tmp_path, monkeypatch, s
     """With the table's changes scaled (calibrated on a measured plan), the repair prices its
     moves with the same scale as the estimate it must bring within budget: the repaired plan's
     estimate fits, and the plan is the one the unscaled table gives at the equivalent budget."""
-    from fga_search.latency import LatencyModel, LatencyTable, Target
-    from helpers import wide_cnn
+    from helpers import wide_cnn_latency
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    model = wide_cnn()
-    profile = ModelProfile(model, input_shape=(1, 8, 8))
-    space = load_space("default").resolve(profile.layers)
-    table = LatencyTable(Target.parse("cpu:1"))
-    for info in profile.layers:
-        hw = profile.in_hw[info.name]
-        table.entries[table.entry_key(info, hw, KEEP)] = 0.1
-        for g in info.valid_groups:
-            for r in range(1, info.exact_rank(g) + 1):
-                table.entries[table.entry_key(info, hw, (g, r))] = 0.02 + 0.06 * r / info.exact_rank(g)
-    lat = LatencyModel(model, profile, table, repeats=5)
+    model, profile, space, lat = wide_cnn_latency(lambda info, g, r: 0.02 + 0.06 * r / info.exact_rank(g))
     cost = CostModel(profile, "latency", latency=lat)
     spectra = SpectralTable(model)
     full = {layer.name: (1, layer.info.exact_rank(1)) for layer in space.layers}

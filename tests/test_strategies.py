@@ -198,3 +198,22 @@ def test_search_is_warm_started_and_mutates(tmp_path, monkeypatch: pytest.Monkey
     uniform = tmp_path / "uniform"
     search(out=str(uniform), budget=0.3, trials=5, epochs=0.0, quiet=True, strategy="uniform")
     assert [r["source"].startswith("uniform") for r in rows(uniform / "trials.parquet")] == [True] * 5
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.1])
+def test_error_alloc_under_a_calibrated_latency_where_layer_costs_go_below_zero(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, slack: float
+) -> None:  # type: ignore[no-untyped-def]
+    """A layer's calibrated latency cost is its share of the whole-model estimate: with a scale
+    over 1 (the table underestimated the savings) it can be below zero. The allocation, with or
+    without a cost slack, still returns a plan within the budget."""
+    from helpers import wide_cnn_latency
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, profile, space, lat = wide_cnn_latency(lambda info, g, r: 0.02 + 0.03 * r / info.exact_rank(g))
+    lat.scale = 3.0  # a pair at 0.02-0.05 ms against 0.1 dense: 0.1 + 3 * (0.02 - 0.1) < 0
+    cost = CostModel(profile, "latency", latency=lat)
+    assert min(cost.layer(layer.name, (1, 1)) for layer in space.layers) < 0
+    plan = error_alloc_plan(space, cost, SpectralTable(model), budget=0.5, slack=slack)
+    assert plan is not None and cost.ratio(plan) <= 0.5
+    assert any(choice != KEEP for choice in plan.values())
