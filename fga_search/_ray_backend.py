@@ -54,6 +54,7 @@ from ._search import (
     mutation_rng,
     proposal_record,
     refresh_report,
+    update_latency_aim,
 )
 from ._setup import SearchSetup
 from ._study import count_finished, make_sampler, open_study, set_budget_constraint
@@ -252,6 +253,9 @@ class _MutatingSearch(OptunaSearch):  # type: ignore[misc]
         study = self._ot_study
         if trial_id not in self._ot_trials and self.key in _SETUPS and study is not None:
             setup = _SETUPS[self.key]
+            if setup.config.budget_metric == "latency":  # aim by what the trials measured so far
+                measured = recorded_rows(RunFolder(self.key).trials_parquet).values()
+                update_latency_aim(setup, list(measured), None)
             maybe_enqueue_mutation(setup, study, _study_rows(study, setup.config.costs), self.rng)
         return super().suggest(trial_id)  # type: ignore[no-any-return]
 

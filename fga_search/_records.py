@@ -28,6 +28,7 @@ TRIAL_SCHEMA = pa.schema(
         ("latency_ms", pa.float64()),
         ("latency_ratio", pa.float64()),
         ("latency_estimate_ratio", pa.float64()),  # the lookup table's estimate, before the model is built
+        ("latency_aim", pa.float64()),  # latency budgets: what the repair aimed at (_latency_aim)
         ("within_budget", pa.bool_()),
         ("proposal_within_budget", pa.bool_()),
         ("budget_metric", pa.string()),

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from ._baseline_cache import BaselineCache, accuracy_key
 from ._checkpoint import cpu_state_dict
 from ._config import RunConfig
+from ._latency_aim import estimate_bias, latency_aim
 from ._pareto import knee_index, pareto_mask
 from ._plan import Plan, load_plan
 from ._progress import Progress
@@ -200,7 +201,7 @@ def propose_mutation(
         setup.space,
         setup.cost,
         setup.spectra,
-        budget=setup.config.budget * scale,
+        budget=setup.repair_budget * scale,
         weights=weights,
         slack=slack,
     )
@@ -241,7 +242,29 @@ def proposal_record(setup: SearchSetup, prop: Proposal, *, number: int, backend:
         "device": str(setup.device),
         "backend": backend,
         "latency_estimate_ratio": setup.latency.ratio(prop.plan) if setup.latency is not None else None,
+        "latency_aim": setup.repair_budget if c.budget_metric == "latency" else None,
     }
+
+
+def update_latency_aim(setup: SearchSetup, rows: list[dict[str, Any]], progress: Progress | None) -> None:
+    """Under a latency budget: aim the repair by what the trials measured (``_latency_aim``),
+    and say so when the aim moves."""
+    c = setup.config
+    if c.budget_metric != "latency":
+        return
+    before = setup.repair_budget
+    setup.aim = latency_aim(c.budget, rows)
+    if progress is None or abs(setup.aim - before) < 0.01:
+        return
+    bias = estimate_bias(rows)
+    assert bias is not None or setup.aim == c.budget
+    measured = (
+        f"the last {bias[1]} measured trials ran {bias[0]:+.2f} of the original's latency against "
+        "the table's estimate"
+        if bias is not None
+        else "too few measured trials"
+    )
+    progress.note(f"latency: {measured}; the repair now aims at {setup.aim:.2f} (budget {c.budget:g})")
 
 
 def front_rows(rows: list[dict[str, Any]], *, costs: list[str] | None = None) -> list[dict[str, Any]]:
@@ -390,7 +413,6 @@ class _OptunaSearch:
         record["source"] = trial.user_attrs.get("source", "requeued" if requeued is not None else "sampler")
         record.update(alloc_attrs(trial.user_attrs))
         trial.set_user_attr("record", record)  # one write: each is a database commit
-        set_budget_constraint(trial, prop.constraint)
         return trial, record, prop
 
     def run(self) -> SearchResult:
@@ -419,6 +441,7 @@ class _OptunaSearch:
                     f"strategy {c.strategy} has {total} distinct plans: running {total} trials, not {c.trials}"
                 )
         rng = mutation_rng(c, finished)
+        update_latency_aim(self.setup, rows, progress)
         while finished < total and (deadline is None or time.monotonic() < deadline):
             maybe_enqueue_mutation(self.setup, study, rows, rng)
             trial, record, prop = self.step(study)
@@ -428,12 +451,17 @@ class _OptunaSearch:
                 raise KeyboardInterrupt
             trial.set_user_attr("record", {**record, **result.extra})
             trial.set_user_attr("status", result.status)
+            # the constraint the sampler sees: the plan's estimate, or its measured excess over a
+            # latency budget (Optuna keeps the first value set, so it is set once, here)
+            excess = result.extra.get("latency_ratio") if result.extra.get("within_budget") is False else None
+            set_budget_constraint(trial, prop.constraint if excess is None else excess - c.budget)
             if result.values is None:
                 study.tell(trial, state=TrialState.FAIL)
             else:
                 study.tell(trial, result.values)
             finished += 1
             rows = self.save(study)
+            update_latency_aim(self.setup, rows, progress)
             if finished % REPORT_EVERY == 0:
                 refresh_report(self.folder.path)
             if result.status == "ok":
