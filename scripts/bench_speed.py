@@ -161,6 +161,20 @@ def cpu(args: argparse.Namespace) -> None:
             out = os.path.join(args.out, "r56-latency-reachable")
             shutil.rmtree(out, ignore_errors=True)
             result = run_search(RunConfig(out=out, **common, **{**extra, "budget": budget}))  # type: ignore[arg-type]
+        if extra.get("budget_metric") == "latency":  # how the trials measured, and where the repair aimed
+            done = rows(out)
+            timed = [r for r in done if r.get("latency_ratio") is not None and r.get("duplicate_of") is None]
+            within = [r for r in timed if r.get("within_budget")]
+            aims = [float(r["latency_aim"]) for r in done if r.get("latency_aim") is not None]
+            print(
+                f"  {label} search: {len(done)} trials, {len(timed)} built and measured, {len(within)} of them "
+                "within the budget"
+                + (
+                    f"; the repair's aim went from {aims[0]:.3f} to {aims[-1]:.3f} (lowest {min(aims):.3f})"
+                    if aims
+                    else ""
+                )
+            )
         if result.best is None:  # every trial over the budget (as measured): nothing to export
             ratios = sorted(
                 float(r["latency_ratio"]) for r in rows(out) if r.get("latency_ratio") is not None
