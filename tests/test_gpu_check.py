@@ -53,7 +53,7 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # two parts of at most 600 s each, and the set-up
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check done (bench_speed exit 0, bench_quality exit 0)" in proc.stdout
