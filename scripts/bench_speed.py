@@ -27,7 +27,7 @@ batch 512, bf16 autocast, channels_last:
 
 Every ratio is measured side by side in one run; figures are medians.
 
-    python scripts/bench_speed.py cpu [--trials 40] [--runs 100] [--table-only]
+    python scripts/bench_speed.py cpu [--trials 40] [--runs 100] [--table-only] [--searches latency,flops]
     python scripts/bench_speed.py gpu --data-dir DIR --weights resnet56_cifar10.pt
     python scripts/bench_speed.py gpu --device cpu --limit 512 --batch 64 ...   # a dry run of the
         # gpu part's code paths at toy sizes (scripts/gpu_check.sh --dry-run): no measurement
@@ -142,10 +142,11 @@ def cpu(args: argparse.Namespace) -> None:
     )
     runs = {}
     latency = dict(budget_metric="latency", objective="accuracy,latency", target="cpu:2")
-    for label, extra in (
+    searches = (
         ("latency", dict(budget=args.latency_budget, **latency)),
         ("flops", dict(budget=0.2)),
-    ):
+    )
+    for label, extra in (s for s in searches if s[0] in args.searches):
         out = os.path.join(args.out, f"r56-{label}")
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
@@ -423,7 +424,15 @@ def main() -> None:
     parser.add_argument("--weights")
     parser.add_argument("--out", default="runs/bench-speed")
     parser.add_argument("--table-only", action="store_true", help="cpu: only part 1 (the lookup table)")
+    parser.add_argument(
+        "--searches",
+        type=lambda text: text.split(","),
+        default=["latency", "flops"],
+        help="cpu: which searches of parts 2-3 run (latency, flops; default both)",
+    )
     args = parser.parse_args()
+    if not args.searches or set(args.searches) - {"latency", "flops"}:
+        parser.error(f"--searches takes latency, flops or both, got {','.join(args.searches)}")
     if args.runs < 50:
         parser.error("--runs must be at least 50")
     cpu(args) if args.mode == "cpu" else gpu(args)
