@@ -257,14 +257,11 @@ def update_latency_aim(setup: SearchSetup, rows: list[dict[str, Any]], progress:
     if progress is None or abs(setup.aim - before) < 0.01:
         return
     bias = estimate_bias(rows)
-    assert bias is not None or setup.aim == c.budget
-    measured = (
-        f"the last {bias[1]} measured trials ran {bias[0]:+.2f} of the original's latency against "
-        "the table's estimate"
-        if bias is not None
-        else "too few measured trials"
+    assert bias is not None  # the aim moves only once enough trials are measured, and they stay
+    progress.note(
+        f"latency: the last {bias[1]} measured trials ran {bias[0]:+.2f} of the original's latency "
+        f"against the table's estimate; the repair now aims at {setup.aim:.2f} (budget {c.budget:g})"
     )
-    progress.note(f"latency: {measured}; the repair now aims at {setup.aim:.2f} (budget {c.budget:g})")
 
 
 def front_rows(rows: list[dict[str, Any]], *, costs: list[str] | None = None) -> list[dict[str, Any]]:
