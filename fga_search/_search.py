@@ -156,7 +156,9 @@ def maybe_enqueue_mutation(
     setup: SearchSetup, study: optuna.Study, rows: list[dict[str, Any]], rng: random.Random
 ) -> None:
     """Before each ask of a search: with probability MUTATION_RATE, and when no trial is already
-    waiting, queue a mutation of the best error allocation so far."""
+    waiting, queue a mutation of the best error allocation so far, unless the repair brings it
+    back to a plan the study already holds (then the sampler proposes instead: a repeat would
+    only reuse the earlier trial's result)."""
     if setup.config.strategy != "search" or rng.random() >= MUTATION_RATE:
         return
     if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -164,11 +166,23 @@ def maybe_enqueue_mutation(
     move = propose_mutation(setup, rows, rng)
     if move is not None:
         label, plan, weights, slack = move
+        if setup.propose(plan).key in tried_plans(study):
+            return
         attrs: dict[str, Any] = {"source": label}
         if weights is not None:
             attrs["alloc_weights"] = weights
             attrs["alloc_slack"] = slack
         study.enqueue_trial(setup.space.to_params(plan), user_attrs=attrs)
+
+
+def tried_plans(study: optuna.Study) -> set[str]:
+    """The repaired plans of every trial the study has asked for, finished or running."""
+    plans = set()
+    for t in study.get_trials(deepcopy=False):
+        record = t.user_attrs.get("record")
+        if isinstance(record, dict) and record.get("plan"):
+            plans.add(str(record["plan"]))
+    return plans
 
 
 def propose_mutation(

@@ -182,3 +182,45 @@ def test_mutations_of_a_slack_allocation_move_its_slack_or_its_thresholds(tmp_pa
         m is not None and m[3] == 0.0
         for m in (propose_mutation(setup, [plain], random.Random(i)) for i in range(10))
     )
+
+
+def test_a_mutation_repaired_back_to_a_plan_the_study_holds_is_not_queued(tmp_path: Path) -> None:
+    """Under a binding aim the repair can bring a mutation back to its parent's plan (bench_speed
+    run 10: 20 of 40 trials). Such a move is dropped and the sampler proposes instead."""
+    import random
+
+    from optuna.trial import TrialState, create_trial
+
+    from fga_search._config import RunConfig
+    from fga_search._search import MUTATION_RATE, maybe_enqueue_mutation, propose_mutation
+    from fga_search._setup import prepare
+    from fga_search._strategies import error_alloc_plan
+
+    setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.3), log=False)
+    parent_plan = error_alloc_plan(setup.space, setup.cost, setup.spectra, budget=0.3)
+    assert parent_plan is not None
+    parent = {"trial": 0, "state": "COMPLETE", "status": "ok", "within_budget": True, "val_acc": 0.9,
+              "flops_ratio": setup.cost.ratio(parent_plan), "plan": json.dumps(parent_plan),
+              "alloc_weights": {}, "alloc_slack": 0.0}  # fmt: skip
+    seeds = [i for i in range(200) if random.Random(i).random() < MUTATION_RATE][:8]
+    assert len(seeds) == 8
+    for seed in seeds:
+        rng = random.Random(seed)
+        rng.random()
+        move = propose_mutation(setup, [parent], rng)
+        assert move is not None
+        key = setup.propose(move[1]).key
+
+        def study_holding(plan: str) -> optuna.Study:
+            study = optuna.create_study()
+            done = create_trial(state=TrialState.COMPLETE, value=0.9, user_attrs={"record": {"plan": plan}})
+            study.add_trial(done)
+            return study
+
+        other = study_holding(json.dumps({"nothing": "alike"}))
+        maybe_enqueue_mutation(setup, other, [parent], random.Random(seed))
+        waiting = other.get_trials(states=(TrialState.WAITING,))
+        assert len(waiting) == 1 and waiting[0].user_attrs["source"] == move[0]
+        same = study_holding(key)
+        maybe_enqueue_mutation(setup, same, [parent], random.Random(seed))
+        assert same.get_trials(states=(TrialState.WAITING,)) == []
