@@ -218,8 +218,7 @@ class _Space:
         record = proposal_record(setup, prop, number=trial.number, backend="ray")
         record["source"] = trial.user_attrs.get("source", "sampler")
         record.update(alloc_attrs(trial.user_attrs))
-        trial.set_user_attr("record", record)
-        set_budget_constraint(trial, prop.constraint)
+        trial.set_user_attr("record", record)  # the constraint is set when the trial ends
         return {"number": trial.number, **record}
 
 
@@ -258,6 +257,28 @@ class _MutatingSearch(OptunaSearch):  # type: ignore[misc]
                 update_latency_aim(setup, list(measured), None)
             maybe_enqueue_mutation(setup, study, _study_rows(study, setup.config.costs), self.rng)
         return super().suggest(trial_id)  # type: ignore[no-any-return]
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        """Set the constraint the sampler sees before Optuna is told: the plan's estimate, or the
+        excess a trial measured over a latency budget (Optuna keeps the first value set)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            record = ot_trial.user_attrs.get("record", {})
+            set_budget_constraint(ot_trial, trial_constraint(record, result))
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def trial_constraint(record: dict[str, Any], result: dict[str, Any] | None) -> float:
+    """<= 0 within the budget: 1 for a plan over it after repair, the measured excess for one
+    the target measured over a latency budget."""
+    if not record.get("within_budget", False):
+        return 1.0
+    measured = (result or {}).get("latency_ratio")
+    if (result or {}).get("status") == "infeasible" and measured is not None:
+        return float(measured) - float(record["budget"])
+    return 0.0
 
 
 def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:

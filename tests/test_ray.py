@@ -289,3 +289,48 @@ def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Pat
     hv = [hypervolume([r["val_acc"] for r in f], [r["flops_ratio"] for r in f]) for f in fronts]
     print(f"\nhypervolume: optuna {hv[0]:.4f}, ray {hv[1]:.4f}")
     assert abs(hv[0] - hv[1]) <= 0.05
+
+
+def test_the_searcher_tells_the_sampler_a_measured_excess_over_a_latency_budget(tmp_path: Path) -> None:
+    """Ray's searcher sets each trial's constraint when the trial ends: 0 within the budget, 1
+    for a plan over it after repair, and for a trial the target measured over a latency budget
+    its excess (set at suggest time, it was 0 for such a trial)."""
+    import optuna
+
+    from fga_search._ray_backend import _MutatingSearch
+    from fga_search._study import make_sampler
+
+    proposals = iter([(True, 0.5), (False, 0.95), (True, 0.6), (True, 0.6)])
+
+    def space(trial: optuna.Trial) -> None:  # a define-by-run space, as _Space is
+        trial.suggest_int("x", 0, 3)
+        within, estimate = next(proposals)
+        trial.set_user_attr(
+            "record", {"within_budget": within, "budget": 0.7, "latency_estimate_ratio": estimate}
+        )
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db")
+    searcher = _MutatingSearch(
+        key=str(tmp_path / "not-a-run"),  # no setup under this key: no mutations, no aim
+        rng=__import__("random").Random(0),
+        space=space,
+        metric=["val_acc", "latency_ratio"],
+        mode=["max", "min"],
+        sampler=make_sampler("nsga2", seed=0, population=None, trials=4),
+        storage=storage,
+        study_name="s",
+        seed=0,
+    )
+    results = [
+        {"val_acc": 0.8, "latency_ratio": 0.66, "status": "ok"},
+        {"val_acc": 0.0, "latency_ratio": 0.95, "status": "infeasible"},  # never built
+        {"val_acc": 0.0, "latency_ratio": 0.83, "status": "infeasible"},  # measured over 0.7
+        None,  # the trial raised an error
+    ]
+    for i, result in enumerate(results):
+        assert searcher.suggest(f"t{i}") is not None
+        searcher.on_trial_complete(f"t{i}", result=result, error=result is None)
+    study = optuna.load_study(study_name="s", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
+    assert [t.user_attrs["constraint"] for t in trials] == pytest.approx([0.0, 1.0, 0.13, 0.0])
