@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import glob
 import json
 import os
 import random
@@ -262,11 +263,14 @@ class _MutatingSearch(OptunaSearch):  # type: ignore[misc]
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         """Set the constraint the sampler sees before Optuna is told: the plan's estimate, or the
-        excess a trial measured over a latency budget (Optuna keeps the first value set)."""
+        excess a trial measured over a latency budget (Optuna keeps the first value set). Keep
+        the reported metrics in the study too."""
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._completed_trials:
             record = ot_trial.user_attrs.get("record", {})
             set_budget_constraint(ot_trial, trial_constraint(record, result))
+            if result:  # the study then holds the trial's row, should the driver die before
+                ot_trial.set_user_attr("result", row_metrics(result, times=True))  # it is written
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -281,11 +285,8 @@ def trial_constraint(record: dict[str, Any], result: dict[str, Any] | None) -> f
     return 0.0
 
 
-def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:
-    """A Ray trial as a row of the common schema."""
-    row: dict[str, Any] = {k: v for k, v in config.items() if k != "number"}
-    row["trial"] = int(config["number"])
-    keep = {
+_ROW_METRICS = frozenset(
+    {
         "val_acc",
         "proxy_acc",
         "macs_measured",
@@ -295,10 +296,23 @@ def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None
         "node_id",
         "node_ip",
         "gpu_ids",
+        "latency_ms",
+        "latency_ratio",
     }
-    keep |= {"latency_ms", "latency_ratio"}
-    keep |= {k for k in metrics if k.startswith("seconds_")}
-    row.update({k: v for k, v in metrics.items() if k in keep})
+)
+
+
+def row_metrics(metrics: dict[str, Any], *, times: bool = False) -> dict[str, Any]:
+    """The reported metrics a trial's row keeps (with ``times``, also when it started and ended)."""
+    extra = ("started_at", "ended_at") if times else ()
+    return {k: v for k, v in metrics.items() if k in _ROW_METRICS or k in extra or k.startswith("seconds_")}
+
+
+def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:
+    """A Ray trial as a row of the common schema."""
+    row: dict[str, Any] = {k: v for k, v in config.items() if k != "number"}
+    row["trial"] = int(config["number"])
+    row.update(row_metrics(metrics))
     if error is not None:
         row.update(state="FAIL", status="failed", fail_reason=str(error).strip().splitlines()[-1][:500])
     elif metrics:
@@ -431,7 +445,7 @@ class RaySearch:
         self.runner = runner
 
     # -- the searcher ---------------------------------------------------------------------
-    def searcher(self) -> Any:
+    def searcher(self, finished: int) -> Any:
         import optuna
         from ray.tune.search import ConcurrencyLimiter
 
@@ -445,7 +459,7 @@ class RaySearch:
             enqueue_initial_plans(self.setup, study)
         alg = _MutatingSearch(
             key=self.folder.path,
-            rng=mutation_rng(c, 0),
+            rng=mutation_rng(c, finished),
             space=_Space(self.folder.path),
             metric=["val_acc", *c.costs],
             mode=["max", *(["min"] * len(c.costs))],
@@ -520,41 +534,69 @@ class RaySearch:
             costs=len(c.costs),
         )
 
-    def orphans(self) -> list[dict[str, Any]]:
-        """Study trials a killed driver left RUNNING (asked for, never run by Tune): recorded as
-        failed ('interrupted'), as the Optuna backend does."""
+    def has_running(self) -> bool:
         from optuna.trial import TrialState
 
+        return bool(self.study().get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def orphans(self, *, requeue: bool = False) -> list[dict[str, Any]]:
+        """Study trials left RUNNING, recorded as failed ('interrupted'): when a driver resumes,
+        those the killed one had asked for (their plans are queued again, as the Optuna backend
+        does); at the end of a run, those Tune never started."""
+        from optuna.trial import TrialState
+
+        from ._study import recover_interrupted
         from ._study import trial_row as study_row
 
         study = self.study()
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        reason = "interrupted: the driver stopped before the trial ended"
+        if requeue:
+            recover_interrupted(study)
         out = []
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        for t in running:
+            if not requeue:
+                study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                reason = "interrupted: the driver stopped before the trial ran"
             row = study_row(t)
-            row.update(
-                state="FAIL",
-                status="interrupted",
-                fail_reason="interrupted: the driver stopped before the trial ran",
-            )
+            row.update(state="FAIL", status="interrupted", fail_reason=reason)
             out.append(row)
         return out
 
-    def keep_front_checkpoints(self, rows: list[dict[str, Any]]) -> None:
+    def unrecorded(self, recorded: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows of the trials the study holds as finished and trials.parquet lacks (the driver
+        was killed between Optuna's tell and the row's write), from the metrics the searcher
+        kept in the study."""
+        from optuna.trial import TrialState
+
+        out = []
+        for t in self.study().get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number in recorded or not isinstance(t.user_attrs.get("result"), dict):
+                continue
+            config = {**t.user_attrs.get("record", {}), "number": t.number}
+            out.append(trial_row(config, t.user_attrs["result"], None))
+        return out
+
+    def keep_front_checkpoints(self, rows: list[dict[str, Any]], experiment: str) -> None:
+        """Copy the front's trained weights into the run folder: from this driver's results, or
+        for a trial an earlier driver ran, from its Tune experiment kept aside."""
         from ._search import front_rows
 
         front = {int(r["trial"]) for r in front_rows(rows, costs=self.config.costs)}
         for row in rows:
             ckpt = row.pop("_checkpoint", None)
-            if (
-                ckpt is None
-                or row["trial"] not in front
-                or os.path.isfile(self.folder.checkpoint(row["trial"]))
-            ):
+            target = self.folder.checkpoint(row["trial"])
+            if row["trial"] not in front or os.path.isfile(target):
                 continue
-            with ckpt.as_directory() as folder:
-                shutil.copyfile(os.path.join(folder, "model.pt"), self.folder.checkpoint(row["trial"]))
+            if ckpt is not None:
+                with ckpt.as_directory() as folder:
+                    shutil.copyfile(os.path.join(folder, "model.pt"), target)
+                continue
+            pattern = f"{glob.escape(experiment)}.*/trial_{int(row['trial']):05d}_*/checkpoint_*/model.pt"
+            earlier = sorted(glob.glob(pattern), key=os.path.getmtime)
+            if earlier and row.get("status") == "ok":
+                shutil.copyfile(earlier[-1], target)
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> SearchResult:
@@ -568,37 +610,33 @@ class RaySearch:
         _SETUPS[self.folder.path] = self.setup
         recorded = recorded_rows(self.folder.trials_parquet)
         callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
-        restore = tune.Tuner.can_restore(experiment)
+        finished = count_finished(self.study().get_trials(deepcopy=False))
         interrupted: list[dict[str, Any]] = []
-        if restore and not _tune_state_readable(experiment):
-            # the driver was killed while Tune wrote its state: Tune would resume with no trials
-            # and a searcher that counts the lost ones. The study and trials.parquet keep every
-            # finished trial, so the search goes on from them with a new Tune experiment.
-            aside = f"{experiment}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        if tune.Tuner.can_restore(experiment) and (finished < c.trials or self.has_running()):
+            # a killed driver's experiment. Tune's own restore is not used: its state is three
+            # files written one after another, and a kill between them restored a searcher that
+            # lost trials or asked for more (or, mid-write, an unreadable state). The study and
+            # trials.parquet keep every finished trial, so the search goes on from them in a new
+            # Tune experiment, up to the same trial count; the old one is kept aside.
+            readable = _tune_state_readable(experiment)
+            kind = "resumed" if readable else "unreadable"
+            aside = f"{experiment}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
             os.replace(experiment, aside)
             Progress(total=c.trials, done=0, quiet=c.quiet).note(
-                f"Ray's experiment state in {experiment} is unreadable (moved to {aside}); "
+                f"resuming the Ray experiment in {experiment} from the study's finished trials "
+                f"(Tune's state moved to {aside})"
+                if readable
+                else f"Ray's experiment state in {experiment} is unreadable (moved to {aside}); "
                 "resuming from the study's finished trials"
             )
-            restore = False
-            interrupted = self.orphans()
-        finished = count_finished(self.study().get_trials(deepcopy=False))
-        if restore:
-            Progress(total=c.trials, done=0, quiet=c.quiet).note(
-                f"resuming the Ray experiment in {experiment}"
-            )
-            tuner = tune.Tuner.restore(
-                experiment,
-                trainable=trainable,
-                resume_unfinished=True,
-                resume_errored=False,
-                restart_errored=False,
-            )
-        else:
+            interrupted = self.orphans(requeue=True) + self.unrecorded(recorded)
+            finished = count_finished(self.study().get_trials(deepcopy=False))
+        results: Any = []
+        if finished < c.trials:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=self.searcher(),
+                    search_alg=self.searcher(finished),
                     num_samples=c.trials - finished,
                     reuse_actors=True,
                     trial_name_creator=_trial_name,
@@ -614,11 +652,9 @@ class RaySearch:
                     verbose=0,
                 ),
             )
-        results: Any = []
-        if restore or finished < c.trials:
             with _pending_trials(None if c.max_concurrent else self.slots()):
                 results = tuner.fit()
         rows = merge_recorded(self.collect(results) + interrupted + self.orphans(), recorded)
-        self.keep_front_checkpoints(rows)
+        self.keep_front_checkpoints(rows, experiment)
         write_parquet(rows_to_table(rows), self.folder.trials_parquet)
         return finalize(self.setup, self.folder, self.runner, rows)

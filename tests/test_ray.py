@@ -194,20 +194,31 @@ def test_a_killed_worker_is_retried_and_the_search_finishes(cluster: Cluster) ->
     assert all(r["state"] == "COMPLETE" for r in trials)  # FailureConfig(max_failures=1) retried it
 
 
-@pytest.mark.parametrize("tune_state", ["kept", "unreadable"])
+@pytest.mark.parametrize("tune_state", ["kept", "unreadable", "stale-searcher"])
 def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     cluster: Cluster, tune_state: str
 ) -> None:
     """``unreadable``: the kill came while Tune wrote its experiment state (seen once in CI: Tune
     then logs "Failed to restore the run state" and resumes with no trials); the trials the
-    killed driver had recorded must survive all the same."""
+    killed driver had recorded must survive all the same. ``stale-searcher``: the kill came
+    between Tune's writes of its trials and of its searcher (it writes them one after the other),
+    so the searcher's saved state is older: restored by Tune, it lost two trials (and raised
+    KeyError on a trial it did not know) or, with an older trial counter, ran a seventh."""
     run = cluster.root / f"driver-killed-{tune_state}"
     args = ["--gpus-per-trial", "0.5", "--trials", "6", "--epochs", "12", "--out", str(run)]
     proc = cluster.cli(args)
     deadline = time.monotonic() + 300
+    first_searcher: dict[Path, bytes] = {}  # the searcher's state as Tune first saved it
     while len(done(run / "trials.parquet")) < 2:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
+        if not first_searcher:
+            saved = [
+                *(run / "ray").glob("searcher-state-*.pkl"),
+                *(run / "ray").glob("search_gen_state-*.json"),
+            ]
+            if len(saved) == 2:
+                first_searcher = {path: path.read_bytes() for path in saved}
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -217,9 +228,20 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
         assert states
         for path in states:
             path.write_text("")
+    if tune_state == "kept":  # as if killed between Optuna's tell and the row's write
+        from fga_search._records import rows_to_table, write_parquet
+
+        last = max(before)
+        kept = [r for r in rows(run / "trials.parquet") if r["trial"] != last]
+        write_parquet(rows_to_table(kept), str(run / "trials.parquet"))
+    if tune_state == "stale-searcher":
+        assert first_searcher
+        for path, data in first_searcher.items():
+            path.write_bytes(data)
     out, err = wait(cluster.cli(args))
-    if tune_state == "kept":
+    if tune_state != "unreadable":
         assert "resuming the Ray experiment" in err
+        assert len(list(run.glob("ray.resumed-*"))) == 1  # the killed driver's experiment, kept aside
     else:
         assert re.search(
             r"Ray's experiment state in \S+ is unreadable \(moved to \S+\.unreadable-\d+-\d+\)", err
@@ -236,6 +258,9 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     for number, old in before.items():
         new = next(r for r in after if r["trial"] == number)
         assert (new["val_acc"], new["plan"], new["seed"]) == (old["val_acc"], old["plan"], old["seed"])
+    # the front keeps its weights, those of trials the killed driver ran included
+    front = [r["trial"] for r in rows(run / "pareto.parquet")]
+    assert front and all((run / "models" / f"trial_{n:05d}.pt").is_file() for n in front)
 
 
 def descends_from(pid: int, ancestor: int) -> bool:
