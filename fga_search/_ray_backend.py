@@ -216,8 +216,12 @@ class _Space:
         setup = _SETUPS[self.key]
         params = setup.space.suggest(trial)
         prop = setup.propose(setup.space.to_plan(params))
-        record = proposal_record(setup, prop, number=trial.number, backend="ray")
-        record["source"] = trial.user_attrs.get("source", "sampler")
+        requeued = trial.user_attrs.get("requeued_from")  # an interrupted trial's plan and seed
+        number = requeued if requeued is not None else trial.number
+        record = proposal_record(setup, prop, number=number, backend="ray")
+        record["source"] = trial.user_attrs.get("source", "requeued" if requeued is not None else "sampler")
+        if requeued is not None:
+            record["requeued_from"] = requeued
         record.update(alloc_attrs(trial.user_attrs))
         trial.set_user_attr("record", record)  # the constraint is set when the trial ends
         return {"number": trial.number, **record}

@@ -86,7 +86,8 @@ def count_finished(trials: Sequence[FrozenTrial]) -> int:
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
     """Mark trials left RUNNING by a killed process as failed ('interrupted') and re-queue their
-    parameters, once. Returns the recovered trial numbers."""
+    parameters, once, where they were all drawn (the trial had recorded its plan: one killed
+    mid-suggestion had only some). Returns the recovered trial numbers."""
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("requeued_from") for t in trials}
     recovered = []
@@ -94,7 +95,7 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
-        if t.number not in requeued and t.params:
+        if t.number not in requeued and t.params and "record" in t.user_attrs:
             study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
         storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")

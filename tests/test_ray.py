@@ -258,6 +258,13 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     for number, old in before.items():
         new = next(r for r in after if r["trial"] == number)
         assert (new["val_acc"], new["plan"], new["seed"]) == (old["val_acc"], old["plan"], old["seed"])
+    # an interrupted trial's plan runs again, with its seed
+    by_number = {r["trial"]: r for r in after}
+    requeued = {r["requeued_from"]: r for r in after if r.get("requeued_from") is not None}
+    assert set(requeued) == {r["trial"] for r in after if r["status"] == "interrupted" and r.get("plan")}
+    for number, r in requeued.items():
+        old = by_number[number]
+        assert (r["source"], r["seed"], r["state"]) == ("requeued", old["seed"], "COMPLETE")
     # the front keeps its weights, those of trials the killed driver ran included
     front = [r["trial"] for r in rows(run / "pareto.parquet")]
     assert front and all((run / "models" / f"trial_{n:05d}.pt").is_file() for n in front)
