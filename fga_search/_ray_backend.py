@@ -8,8 +8,8 @@
   (``reuse_actors``), teacher-logit cache included.
 * Each trial uses the GPU Ray assigned to it (``CUDA_VISIBLE_DEVICES``), or the CPU.
 * A worker killed mid-trial is retried once (``FailureConfig(max_failures=1)``), then recorded as
-  failed. A killed driver is resumed by rerunning the same command (``Tuner.restore``, with the
-  searcher's state).
+  failed. A killed driver is resumed by rerunning the same command: a new Tune experiment goes
+  on from the study's finished trials (not ``Tuner.restore``: see ``RaySearch.run``).
 * A local Ray instance listens on 127.0.0.1 only and starts no dashboard unless asked.
 """
 
@@ -413,9 +413,8 @@ def recorded_rows(parquet: str) -> dict[int, dict[str, Any]]:
 
 def merge_recorded(rows: list[dict[str, Any]], recorded: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """This driver's rows plus the ended trials a previous driver recorded that they lack, or
-    that they have as not ended: after a driver is killed, Tune's experiment state can predate
-    the last trials, or be unreadable when the kill came mid-write ("Failed to restore the run
-    state"); the study keeps those trials, and so does trials.parquet."""
+    that they have as not ended: a resumed driver's Tune experiment holds only its own trials;
+    the study keeps the earlier ones, and so does trials.parquet."""
     by = {int(r["trial"]): r for r in rows}
     for number, old in recorded.items():
         new = by.get(number)
