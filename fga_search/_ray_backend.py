@@ -55,6 +55,7 @@ from ._search import (
     mutation_rng,
     proposal_record,
     refresh_report,
+    trial_constraint,
     update_latency_aim,
 )
 from ._setup import SearchSetup
@@ -276,17 +277,6 @@ class _MutatingSearch(OptunaSearch):  # type: ignore[misc]
             if result:  # the study then holds the trial's row, should the driver die before
                 ot_trial.set_user_attr("result", row_metrics(result, times=True))  # it is written
         super().on_trial_complete(trial_id, result=result, error=error)
-
-
-def trial_constraint(record: dict[str, Any], result: dict[str, Any] | None) -> float:
-    """<= 0 within the budget: 1 for a plan over it after repair, the measured excess for one
-    the target measured over a latency budget."""
-    if not record.get("within_budget", False):
-        return 1.0
-    measured = (result or {}).get("latency_ratio")
-    if (result or {}).get("status") == "infeasible" and measured is not None:
-        return float(measured) - float(record["budget"])
-    return 0.0
 
 
 _ROW_METRICS = frozenset(
@@ -537,11 +527,6 @@ class RaySearch:
             costs=len(c.costs),
         )
 
-    def has_running(self) -> bool:
-        from optuna.trial import TrialState
-
-        return bool(self.study().get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-
     def orphans(self, *, requeue: bool = False) -> list[dict[str, Any]]:
         """Study trials left RUNNING, recorded as failed ('interrupted'): when a driver resumes,
         those the killed one had asked for (their plans are queued again, as the Optuna backend
@@ -553,15 +538,14 @@ class RaySearch:
 
         study = self.study()
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        reason = "interrupted: the driver stopped before the trial ended"
-        if requeue:
-            recover_interrupted(study)
+        reason = (
+            "interrupted: the driver stopped before the trial ended"
+            if requeue
+            else "interrupted: the driver stopped before the trial ran"
+        )
+        recover_interrupted(study, requeue=requeue, reason=reason)
         out = []
         for t in running:
-            if not requeue:
-                study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-                reason = "interrupted: the driver stopped before the trial ran"
             row = study_row(t)
             row.update(state="FAIL", status="interrupted", fail_reason=reason)
             out.append(row)
@@ -603,6 +587,8 @@ class RaySearch:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> SearchResult:
+        from optuna.trial import TrialState
+
         c = self.config
         _init_ray(self.setup)
         storage_path = os.path.abspath(c.storage_path or self.folder.path)
@@ -613,9 +599,11 @@ class RaySearch:
         _SETUPS[self.folder.path] = self.setup
         recorded = recorded_rows(self.folder.trials_parquet)
         callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
-        finished = count_finished(self.study().get_trials(deepcopy=False))
+        trials = self.study().get_trials(deepcopy=False)
+        finished = count_finished(trials)
         interrupted: list[dict[str, Any]] = []
-        if tune.Tuner.can_restore(experiment) and (finished < c.trials or self.has_running()):
+        running = any(t.state == TrialState.RUNNING for t in trials)
+        if tune.Tuner.can_restore(experiment) and (finished < c.trials or running):
             # a killed driver's experiment. Tune's own restore is not used: its state is three
             # files written one after another, and a kill between them restored a searcher that
             # lost trials or asked for more (or, mid-write, an unreadable state). The study and

@@ -224,6 +224,18 @@ def propose_mutation(
     return (label if scale == 1.0 else f"{label} at {scale:.0%} of the budget"), plan, weights, slack
 
 
+def trial_constraint(record: dict[str, Any], result: dict[str, Any] | None) -> float:
+    """The budget constraint the sampler sees (<= 0: within the budget), from the trial's record
+    and its outcome (``status``, ``latency_ratio``): 1 for a plan over the budget after repair,
+    the measured excess for one the target measured over a latency budget, else 0."""
+    if not record.get("within_budget", False):
+        return 1.0
+    measured = (result or {}).get("latency_ratio")
+    if (result or {}).get("status") == "infeasible" and measured is not None:
+        return float(measured) - float(record["budget"])
+    return 0.0
+
+
 def objective_values(config: RunConfig, accuracy: float, record: dict[str, Any]) -> list[float]:
     """What the sampler sees: validation accuracy, then the objective's cost ratios (a latency not
     measured, for a plan that was never built, is the lookup table's estimate)."""
@@ -462,10 +474,8 @@ class _OptunaSearch:
                 raise KeyboardInterrupt
             trial.set_user_attr("record", {**record, **result.extra})
             trial.set_user_attr("status", result.status)
-            # the constraint the sampler sees: the plan's estimate, or its measured excess over a
-            # latency budget (Optuna keeps the first value set, so it is set once, here)
-            excess = result.extra.get("latency_ratio") if result.extra.get("within_budget") is False else None
-            set_budget_constraint(trial, prop.constraint if excess is None else excess - c.budget)
+            # set once, here (Optuna keeps the first value set), so that it can be a measured excess
+            set_budget_constraint(trial, trial_constraint(record, {"status": result.status, **result.extra}))
             if result.values is None:
                 study.tell(trial, state=TrialState.FAIL)
             else:
