@@ -149,9 +149,9 @@ def finetune(
     start = time.perf_counter()
     n = len(data)
     total_images = round(config.epochs * n)
-    steps = (
-        total_images // config.batch_size if total_images >= config.batch_size else (1 if total_images else 0)
-    )
+    # Never more images than asked: under one batch's worth, one step of that many images.
+    batch_size = min(config.batch_size, total_images)
+    steps = total_images // batch_size if batch_size else 0
     if steps == 0:
         return FinetuneStats(0, 0, 0.0, float("nan"))
     if isinstance(teacher, TeacherCache) and config.crop:
@@ -165,7 +165,7 @@ def finetune(
         nesterov=config.momentum > 0,
     )
     warm = max(1, int(config.warmup * steps))
-    steps_per_epoch = max(1, n // config.batch_size)
+    steps_per_epoch = max(1, n // batch_size)
 
     def lr_at(step: int) -> float:
         if step < warm:
@@ -182,7 +182,7 @@ def finetune(
     t = config.kd_temperature
     while step < steps:
         for batch in data.batches(
-            config.batch_size, shuffle=True, augment=augment, generator=gen, drop_last=n >= config.batch_size
+            batch_size, shuffle=True, augment=augment, generator=gen, drop_last=n >= batch_size
         ):
             if step >= steps:
                 break

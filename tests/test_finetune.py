@@ -78,7 +78,8 @@ def test_finetune_fractional_epochs_and_distillation() -> None:
     [
         (2.5, 16, [(6, 1.0), (12, 2.0), (15, 2.5)]),  # 6 steps an epoch, then the last step
         (1.0, 32, [(3, 1.0)]),  # the last step is an epoch's end: reported once
-        (0.5, 64, [(1, 64 / 96)]),  # under an epoch: the last step only
+        (0.75, 64, [(1, 64 / 96)]),  # under an epoch: the last step only
+        (0.5, 64, [(1, 0.5)]),  # under a batch: one step of the 48 images asked, not of 64
     ],
 )
 def test_on_epoch_reports_each_epoch_and_the_last_step(
