@@ -84,6 +84,18 @@ class RunConfig:
             )
         if self.target_batch < 1:
             bad("target_batch", self.target_batch, "must be >= 1")
+        if self.target is not None:
+            from .latency import Target  # the target's syntax, thread count and dtype
+
+            Target.parse(self.target, batch=self.target_batch, dtype=self.target_dtype)
+            if not self.needs_latency:  # it would be ignored
+                raise ValueError(
+                    f"--target {self.target!r} is used by a latency objective or --budget-metric latency; "
+                    "add --objective accuracy,flops,latency to search and report latency on it "
+                    "(without --target, the front is timed on this CPU after the search)"
+                )
+        elif self.target_batch != 1 or self.target_dtype != "float32":
+            raise ValueError("--target-batch and --target-dtype need --target (e.g. cpu:2 or cuda)")
         if (
             isinstance(self.front_latency_runs, bool)
             or not isinstance(self.front_latency_runs, int)

@@ -100,6 +100,8 @@ class Target:
         if kind == "cpu":
             if arg and not arg.isdigit():
                 raise ValueError(f"--target {spec!r}: cpu:THREADS needs a thread count, e.g. cpu:2")
+            if arg and int(arg) < 1:
+                raise ValueError(f"--target {spec!r}: cpu:THREADS needs at least 1 thread")
             return cls("cpu", int(arg) if arg else None, batch, dtype, bool(channels_last))
         if kind == "cuda":
             if arg and not arg.isdigit():

@@ -160,6 +160,36 @@ def test_bad_front_latency_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--target", "cpu:2"],
+            "--target 'cpu:2' is used by a latency objective or --budget-metric latency;",
+        ),
+        (["--target", "cuda"], "add --objective accuracy,flops,latency to search and report latency on it"),
+        (
+            ["--objective", "accuracy,latency", "--target", "cpu:0"],
+            "--target 'cpu:0': cpu:THREADS needs at least 1",
+        ),
+        (
+            ["--budget-metric", "latency", "--target", "gpu"],
+            "--target 'gpu': use cpu, cpu:THREADS, cuda or cuda:INDEX",
+        ),
+        (["--target-batch", "8"], "--target-batch and --target-dtype need --target (e.g. cpu:2 or cuda)"),
+        (["--target-dtype", "bf16"], "--target-batch and --target-dtype need --target (e.g. cpu:2 or cuda)"),
+    ],
+)
+def test_a_target_that_would_be_ignored_or_cannot_be_used_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "run"
+    code, err = run_main([*args, "--out", str(out), *QUICK], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fga-search: error: ") and message in err, err
+    assert not out.exists()
+
+
 def test_bad_choice_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--sampler", "cmaes", "--out", str(tmp_path / "run")])
