@@ -301,6 +301,8 @@ def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = 
     if config.needs_latency:
         assert config.target is not None
         target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
+        if log and target.oversubscribed():
+            print(f"warning: {target.oversubscribed()}", file=sys.stderr)
         latency = LatencyModel(model, profile, LatencyTable(target))
         fastest = calibrate_latency(latency, model, space)
         pinned = [name for name, choice in fastest.items() if choice == KEEP]

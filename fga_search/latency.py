@@ -60,6 +60,14 @@ DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 MIN_CALIBRATION_CHANGE = 0.2
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -124,6 +132,17 @@ class Target:
         if not torch.cuda.is_available():
             raise ValueError(f"target {self.device!r} asked for, but CUDA is not available here")
         return torch.cuda.get_device_name(self.torch_device)
+
+    def oversubscribed(self) -> str | None:
+        """Why this target's CPU latencies would mislead, or None: a thread count above the cores
+        this process may run on times an oversubscribed CPU, not the deployment."""
+        cores = cpu_cores()
+        if self.device == "cpu" and self.threads is not None and self.threads > cores:
+            return (
+                f"--target cpu:{self.threads} asks for {self.threads} threads, but this process has "
+                f"{cores} core(s): latencies are measured oversubscribed"
+            )
+        return None
 
     def key(self) -> str:
         """The lookup-table key of this target: hardware, dtype, batch and memory format."""

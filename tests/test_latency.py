@@ -8,7 +8,14 @@ import pytest
 from torch import nn
 
 from fga_search import KEEP, FGAConv2d, ModelProfile, decomposable_layers, search
-from fga_search.latency import MIN_CALIBRATION_CHANGE, LatencyModel, LatencyTable, Target, measure_latency
+from fga_search.latency import (
+    MIN_CALIBRATION_CHANGE,
+    LatencyModel,
+    LatencyTable,
+    Target,
+    cpu_cores,
+    measure_latency,
+)
 from helpers import rows, run_cli, wide_cnn
 
 
@@ -27,6 +34,19 @@ def test_target_parsing_and_validation() -> None:
         Target("cpu", dtype="int8")
     key = Target.parse("cpu:2").key()
     assert "(2 threads)" in key and "float32" in key and "batch 1" in key and "nchw" in key
+    with pytest.raises(ValueError, match="'cpu:0': cpu:THREADS needs at least 1 thread"):
+        Target.parse("cpu:0")
+
+
+def test_a_cpu_target_with_more_threads_than_cores_is_named_oversubscribed() -> None:
+    cores = cpu_cores()
+    assert cores >= 1
+    for spec in (f"cpu:{cores}", "cpu", "cuda"):
+        assert Target.parse(spec).oversubscribed() is None, spec
+    assert Target.parse(f"cpu:{cores + 1}").oversubscribed() == (
+        f"--target cpu:{cores + 1} asks for {cores + 1} threads, but this process has {cores} core(s): "
+        "latencies are measured oversubscribed"
+    )
 
 
 def test_measure_latency_reports_medians() -> None:
@@ -200,9 +220,11 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
                budget_metric="latency", target="cpu:2", target_batch=8, trials=1, quiet=True)  # fmt: skip
 
 
-def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", ["1", "more than the cores"])
+def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path, threads: str) -> None:
     """A latency budget below the fastest plan of the space: a one-line error, exit code 2, and
-    no run folder."""
+    no run folder. A target with more threads than cores is warned about first."""
+    n = 1 if threads == "1" else cpu_cores() + 1
     proc = run_cli(
         [
             "--budget",
@@ -210,7 +232,7 @@ def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path) 
             "--budget-metric",
             "latency",
             "--target",
-            "cpu:1",
+            f"cpu:{n}",
             "--out",
             str(tmp_path / "run"),
         ],
@@ -222,6 +244,8 @@ def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path) 
     floor = float(re.search(r"estimated at ([0-9.]+) of the original", last).group(1))  # type: ignore[union-attr]
     assert 0.05 < floor <= 1.0 and f"use --budget {floor + 0.01:.2f} or more" in last
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    warned = f"warning: --target cpu:{n} asks for {n} threads, but this process has {cpu_cores()} core(s)"
+    assert (warned in proc.stderr) == (threads != "1"), proc.stderr
 
 
 @pytest.mark.parametrize("rest_share", [0.3, -0.25])
