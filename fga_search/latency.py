@@ -47,6 +47,7 @@ __all__ = [
     "Target",
     "as_deployed",
     "block_diagonal_copy",
+    "cpu_cores",
     "measure_as_exported",
     "measure_latency",
     "measure_side_by_side",
