@@ -154,7 +154,12 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         type=float,
         help="GPUs per trial; fractions such as 0.25 share a GPU (default: 1 if the cluster has GPUs)",
     )
-    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (default 1)")
+    g.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help="CPUs per trial (default 1, or N with a --target cpu:N: its latency is timed on N threads)",
+    )
     g.add_argument(
         "--max-concurrent", type=int, help="max trials running at once (default: as resources allow)"
     )

@@ -60,7 +60,7 @@ class RunConfig:
     backend: str = "optuna"
     ray_address: str | None = None
     gpus_per_trial: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float | None = None  # None: 1, or the N of a cpu:N latency target
     max_concurrent: int | None = None
     storage_path: str | None = None
     ray_dashboard: bool = False
@@ -142,7 +142,9 @@ class RunConfig:
             and self.gpus_per_trial != int(self.gpus_per_trial)
         ):
             bad("gpus_per_trial", self.gpus_per_trial, "must be a fraction <= 1 or a whole number")
-        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
+        if self.cpus_per_trial is not None and not (
+            self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)
+        ):
             bad("cpus_per_trial", self.cpus_per_trial, "must be > 0")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             bad("max_concurrent", self.max_concurrent, "must be >= 1")

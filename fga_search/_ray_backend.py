@@ -23,9 +23,10 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ from ._search import (
 from ._setup import SearchSetup
 from ._study import count_finished, make_sampler, open_study, set_budget_constraint
 from ._trial import OverBudget, TrialRunner, TrialSettings
+from .latency import Target
 
 __all__ = ["RaySearch"]
 
@@ -169,6 +171,34 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
 
 def _trial_name(trial: Any) -> str:
     return f"trial_{int(trial.config.get('number', -1)):05d}_{trial.trial_id}"
+
+
+def trial_resources(cpus: float | None, gpus: float, target: Target | None) -> dict[str, float]:
+    """What each trial asks Ray for: ``cpus`` (None: 1, or the N of a ``cpu:N`` latency target, so
+    that the trials a node runs side by side leave each one the threads it times) and ``gpus``."""
+    if cpus is None:
+        cpus = (
+            float(target.threads) if target is not None and target.device == "cpu" and target.threads else 1.0
+        )
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def latency_contention(resources: Mapping[str, float], target: Target | None) -> str | None:
+    """Why trials running side by side would skew each other's latency on ``target``, or None."""
+    if target is None:
+        return None
+    if target.device == "cpu" and target.threads and resources["cpu"] < target.threads:
+        return (
+            f"each trial times --target cpu:{target.threads} with {resources['cpu']:g} CPU(s) reserved: "
+            "trials side by side on a node share its cores and skew each other's latency "
+            f"(use --cpus-per-trial {target.threads})"
+        )
+    if target.device != "cpu" and 0 < resources["gpu"] < 1:
+        return (
+            f"trials share a GPU (--gpus-per-trial {resources['gpu']:g}): a trial's latency on "
+            f"{target.device} is timed while others fine-tune on it (use --gpus-per-trial 1)"
+        )
+    return None
 
 
 def _init_ray(setup: SearchSetup) -> None:
@@ -498,7 +528,7 @@ class RaySearch:
         gpus = self.config.gpus_per_trial
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        return {"cpu": self.config.cpus_per_trial, "gpu": gpus}
+        return trial_resources(self.config.cpus_per_trial, gpus, self.setup.settings.latency_target)
 
     # -- records -------------------------------------------------------------------------
     def collect(self, results: Any) -> list[dict[str, Any]]:
@@ -597,6 +627,9 @@ class RaySearch:
             tune.with_parameters(_trainable, payload=self.payload()), self.resources()
         )
         _SETUPS[self.folder.path] = self.setup
+        contention = latency_contention(self.resources(), self.setup.settings.latency_target)
+        if contention is not None and not c.quiet:
+            print(f"warning: {contention}", file=sys.stderr)
         recorded = recorded_rows(self.folder.trials_parquet)
         callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
         trials = self.study().get_trials(deepcopy=False)

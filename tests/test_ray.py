@@ -171,6 +171,38 @@ def test_tune_keeps_as_many_trials_pending_as_fit_only_while_it_fits(monkeypatch
     assert os.environ[name] == "7"
 
 
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "target", "asked", "warning"),
+    [
+        (None, 0.0, None, {"cpu": 1.0, "gpu": 0.0}, None),
+        (None, 0.0, "cpu:2", {"cpu": 2.0, "gpu": 0.0}, None),  # the threads it times
+        (None, 0.0, "cpu", {"cpu": 1.0, "gpu": 0.0}, None),  # PyTorch's threads: not known here
+        (3.0, 1.0, "cpu:2", {"cpu": 3.0, "gpu": 1.0}, None),
+        (
+            1.0,
+            0.0,
+            "cpu:2",
+            {"cpu": 1.0, "gpu": 0.0},
+            "each trial times --target cpu:2 with 1 CPU(s) reserved",
+        ),
+        (None, 0.25, "cuda", {"cpu": 1.0, "gpu": 0.25}, "trials share a GPU (--gpus-per-trial 0.25)"),
+        (None, 1.0, "cuda", {"cpu": 1.0, "gpu": 1.0}, None),
+        (None, 0.25, None, {"cpu": 1.0, "gpu": 0.25}, None),  # no latency: sharing is what fractions are for
+    ],
+)
+def test_trials_reserve_the_threads_their_latency_target_times(
+    cpus: float | None, gpus: float, target: str | None, asked: dict[str, float], warning: str | None
+) -> None:
+    from fga_search._ray_backend import latency_contention, trial_resources
+    from fga_search.latency import Target
+
+    parsed = None if target is None else Target.parse(target)
+    resources = trial_resources(cpus, gpus, parsed)
+    assert resources == asked
+    said = latency_contention(resources, parsed)
+    assert (said is None) == (warning is None) and (warning is None or warning in str(said)), said
+
+
 def worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "ray::ImplicitFunc" in line]
