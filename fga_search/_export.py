@@ -266,6 +266,10 @@ def _run_config(view: RunView, device: str | None) -> Any:
     if data_dir:
         known["data_dir"] = data_dir  # absolute, whatever the working folder was
     known.update(device=device, quiet=True, out=view.path)
+    needs_latency = "latency" in str(known.get("objective", "")) or known.get("budget_metric") == "latency"
+    if not needs_latency:  # a target that a run made before it was refused there went unused
+        for key in ("target", "target_batch", "target_dtype"):
+            known.pop(key, None)
     return RunConfig(**known)
 
 
@@ -571,6 +575,17 @@ def _move_into_place(staging: str, target: str) -> None:
         os.replace(staging, target)  # also over an empty folder
 
 
+def _run_target(view: RunView) -> dict[str, Any]:
+    """The latency target the run's trials were timed on, as its options named it."""
+    config = view.record.get("config") or {}
+    return {
+        "target": config.get("target"),
+        "batch": config.get("target_batch"),
+        "dtype": config.get("target_dtype"),
+        "key": (view.record.get("identity") or {}).get("target"),  # hardware, dtype, batch, layout, torch
+    }
+
+
 def _cpu_threads(view: RunView) -> int | None:
     """The thread count of the run's ``cpu:N`` latency target, if it had one."""
     target = (view.record.get("config") or {}).get("target") or ""
@@ -632,7 +647,7 @@ def export(
     row, how = _select(view, chosen)
     source = _weights_source(view, row)
     plan = load_plan(source["plan"])
-    setup = prepare(_run_config(view, device), log=False, latency_floor_check=False)
+    setup = prepare(_run_config(view, device), log=False, latency_floor_check=False, time_latency=False)
     _check_same_inputs(view, setup)
     runner = make_runner(setup)
     try:
@@ -771,6 +786,7 @@ def export(
                     "ms": source["latency_ms"],
                     "ratio": source.get("latency_ratio"),
                     "measured": "during the search, on the trial's device",
+                    "target": _run_target(view),
                 }
             ),
             latency_at_export=at_export,

@@ -247,14 +247,21 @@ def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: 
         ) from None
 
 
-def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = True) -> SearchSetup:
+def prepare(
+    config: RunConfig, *, log: bool = True, latency_floor_check: bool = True, time_latency: bool = True
+) -> SearchSetup:
     """Load and check the model, weights, data and space. Raises ``ValueError`` on bad input and
     writes nothing (except the caches of decoded datasets and the quickstart model).
 
     ``latency_floor_check=False`` skips refusing a latency budget below the fastest plan's
     estimate: for a run that exists already (its export, its resumption), whose budget was
     accepted when it was made. The estimate is a measurement, and a shared machine's speed
-    drifts: the same budget can look out of reach an hour later."""
+    drifts: the same budget can look out of reach an hour later.
+
+    ``time_latency=False`` (an export, which needs the model, data and trial settings, not the
+    target: its trials measured their latency) times nothing on the latency target and needs it
+    not to be here (a run searched on a GPU exports on a CPU-only machine); the setup's trials
+    then measure no latency, and its cost model prices FLOPs."""
     device = resolve_device(config.device)
     data = load_dataset(
         config.dataset,
@@ -280,7 +287,12 @@ def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = 
         spec = resolve_model(config.model)
         if weights is not None and not os.path.isfile(weights):
             raise ValueError(f"weights file not found: {weights}")
-    model = build_model(spec, num_classes=data.num_classes, weights=weights)
+    if weights is None:  # an untrained model: the same initial weights in every process of the run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = build_model(spec, num_classes=data.num_classes, weights=None)
+    else:
+        model = build_model(spec, num_classes=data.num_classes, weights=weights)
     if weights is None and log:
         print("warning: no --weights given: compressing an untrained model", file=sys.stderr)
     if spec.normalization is not None and len(spec.normalization.mean) != data.input_shape[0]:
@@ -298,7 +310,7 @@ def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = 
         raise ValueError(f"space {chosen!r} leaves no layer of model {spec.name!r} to search")
     latency = None
     pinned: list[str] = []
-    if config.needs_latency:
+    if config.needs_latency and time_latency:
         assert config.target is not None
         target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
         if log and target.oversubscribed():
@@ -314,7 +326,8 @@ def prepare(config: RunConfig, *, log: bool = True, latency_floor_check: bool = 
             )
         if config.budget_metric == "latency" and latency_floor_check:
             check_latency_budget(config.budget, latency, fastest, target)
-    cost = CostModel(profile, config.budget_metric, latency=latency)
+    metric = "flops" if config.budget_metric == "latency" and latency is None else config.budget_metric
+    cost = CostModel(profile, metric, latency=latency)
     if config.budget_metric != "latency":
         check_cost_budget(config.budget, cost, space, spec.name)
     settings = TrialSettings(

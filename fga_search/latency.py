@@ -181,7 +181,10 @@ def _prepare(module: nn.Module, target: Target) -> nn.Module:
 
 
 def _input(input_shape: Sequence[int], target: Target) -> torch.Tensor:
-    x = torch.randn((target.batch, *input_shape), device=target.torch_device, dtype=target.torch_dtype)
+    # drawn from a generator of its own: timing a trial's model must not move the global RNG that
+    # its fine-tuning draws from (dropout), or a trial re-run without timing would train otherwise
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((target.batch, *input_shape), generator=gen).to(target.torch_device, target.torch_dtype)
     return x.contiguous(memory_format=torch.channels_last) if target.channels_last else x
 
 

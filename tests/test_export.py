@@ -195,6 +195,47 @@ def test_trial_without_checkpoint_is_rerun(
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
 
 
+def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run searched against a CUDA latency target, exported where there is no CUDA: the export
+    needs the trials' weights, data and settings, not the target (the trials measured the
+    latency). It exports a front member from its checkpoint, and re-runs a trial without one,
+    timing nothing on the target. The model is untrained: its initial weights come from the run's
+    seed, in the search's process and in the export's alike."""
+    from fga_search import search
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    search(out=str(run), model="helpers:wide_cnn", dataset="digits", budget=0.9, objective="accuracy,flops,latency",
+           target="cpu:2", trials=4, epochs=0.2, quiet=True)  # fmt: skip
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["target"] = "cuda"  # as a search on a GPU machine records it
+    (run / "run.json").write_text(json.dumps(record))
+    assert not torch.cuda.is_available()
+    front = rows(run / "pareto.parquet")
+    best = next(r for r in front if r["is_best"])
+    result = export(
+        str(run), pick="best", out=str(tmp_path / "best"), device="cpu", latency_runs=0, quiet=True
+    )
+    assert not result.rebuilt and result.trial == best["trial"]
+    assert result.spec["latency"]["ms"] == pytest.approx(best["latency_ms"])
+    assert result.spec["latency"]["target"] == {
+        "target": "cuda", "batch": 1, "dtype": "float32", "key": record["identity"]["target"]
+    }  # fmt: skip
+    kept = torch.load(run / "models" / f"trial_{best['trial']:05d}.pt", weights_only=True)
+    os.remove(run / "models" / f"trial_{best['trial']:05d}.pt")
+    again = export(
+        str(run), pick="best", out=str(tmp_path / "rerun"), device="cpu", latency_runs=0, quiet=True
+    )
+    assert again.rebuilt and again.trial == best["trial"] and again.macs == best["macs"]
+    # re-run without timing: the same training as the trial's, which timed its model first
+    rerun = torch.load(tmp_path / "rerun" / "model.pt", weights_only=True)
+    assert set(rerun) == set(kept)
+    for name, value in kept.items():
+        torch.testing.assert_close(rerun[name], value, msg=name)
+
+
 @pytest.mark.slow
 def test_final_finetune_on_train_and_val(
     run_dir: Path, tmp_path: Path, digits: tuple[torch.Tensor, DeviceSplit]

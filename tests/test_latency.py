@@ -63,6 +63,19 @@ def layers():  # type: ignore[no-untyped-def]
     return model, decomposable_layers(model)
 
 
+def test_timing_leaves_the_global_rng_alone() -> None:
+    """A trial's latency is timed before it fine-tunes: the timing must not move the RNG that the
+    fine-tuning's dropout draws from, so that a trial re-run without timing (an export) trains alike."""
+    import torch
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    measure_latency(model, input_shape=(3, 8, 8), target=Target.parse("cpu:1"), warmup=1, repeats=2)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_table_keys_share_geometry_and_persist(tmp_path: Path) -> None:
     model, infos = layers()
     path = str(tmp_path / "table.json")
