@@ -14,6 +14,11 @@ OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
 
 
+def needs_latency(objective: str, budget_metric: str) -> bool:
+    """Whether a run with this objective and budget metric measures latency on a target."""
+    return "latency" in objective or budget_metric == "latency"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a search run needs. ``model=None`` and ``dataset='digits'`` is the quickstart."""
@@ -153,7 +158,7 @@ class RunConfig:
 
     @property
     def needs_latency(self) -> bool:
-        return "latency" in self.objective or self.budget_metric == "latency"
+        return needs_latency(self.objective, self.budget_metric)
 
     @property
     def costs(self) -> list[str]:

@@ -256,7 +256,7 @@ def _weights_source(view: RunView, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_config(view: RunView, device: str | None) -> Any:
-    from ._config import RunConfig
+    from ._config import RunConfig, needs_latency
 
     stored = dict(view.record.get("config") or {})
     if not stored:
@@ -266,8 +266,8 @@ def _run_config(view: RunView, device: str | None) -> Any:
     if data_dir:
         known["data_dir"] = data_dir  # absolute, whatever the working folder was
     known.update(device=device, quiet=True, out=view.path)
-    needs_latency = "latency" in str(known.get("objective", "")) or known.get("budget_metric") == "latency"
-    if not needs_latency:  # a target that a run made before it was refused there went unused
+    # a target that runs made before it was refused there went unused
+    if not needs_latency(str(known.get("objective", "")), str(known.get("budget_metric", ""))):
         for key in ("target", "target_batch", "target_dtype"):
             known.pop(key, None)
     return RunConfig(**known)

@@ -623,11 +623,10 @@ class RaySearch:
         _init_ray(self.setup)
         storage_path = os.path.abspath(c.storage_path or self.folder.path)
         experiment = os.path.join(storage_path, EXPERIMENT)
-        trainable = tune.with_resources(
-            tune.with_parameters(_trainable, payload=self.payload()), self.resources()
-        )
+        resources = self.resources()
+        trainable = tune.with_resources(tune.with_parameters(_trainable, payload=self.payload()), resources)
         _SETUPS[self.folder.path] = self.setup
-        contention = latency_contention(self.resources(), self.setup.settings.latency_target)
+        contention = latency_contention(resources, self.setup.settings.latency_target)
         if contention is not None and not c.quiet:
             print(f"warning: {contention}", file=sys.stderr)
         recorded = recorded_rows(self.folder.trials_parquet)

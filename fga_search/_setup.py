@@ -313,8 +313,9 @@ def prepare(
     if config.needs_latency and time_latency:
         assert config.target is not None
         target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
-        if log and target.oversubscribed():
-            print(f"warning: {target.oversubscribed()}", file=sys.stderr)
+        oversubscribed = target.oversubscribed()
+        if log and oversubscribed:
+            print(f"warning: {oversubscribed}", file=sys.stderr)
         latency = LatencyModel(model, profile, LatencyTable(target))
         fastest = calibrate_latency(latency, model, space)
         pinned = [name for name, choice in fastest.items() if choice == KEEP]
