@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -37,11 +38,29 @@ def set_budget_constraint(trial: optuna.trial.Trial, value: float) -> None:
         trial.set_constraint("budget", value)
 
 
+class _NSGAIISampler(optuna.samplers.NSGAIISampler):  # type: ignore[misc]
+    """NSGA-II that survives pickling: Optuna >= 5.1 gives its genetic samplers a thread lock,
+    which cannot be pickled, and Ray Tune pickles its searcher (and with it the study's sampler)
+    when it builds a Tuner and when it saves the searcher's state."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            self._thread_lock = threading.Lock()
+
+
 def make_sampler(name: str, *, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """The named sampler (nsga2, tpe or random), seeded; every one can be pickled."""
     func = None if _TRIAL_CONSTRAINTS else constraints
     if name == "nsga2":
         size = population or max(4, min(50, trials // 4))
-        return optuna.samplers.NSGAIISampler(population_size=size, seed=seed, constraints_func=func)
+        return _NSGAIISampler(population_size=size, seed=seed, constraints_func=func)
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, constraints_func=func, n_startup_trials=max(5, trials // 10)
