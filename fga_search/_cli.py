@@ -276,7 +276,9 @@ def _size(path: str) -> str:
 
 
 def _print_export_latency(lat: dict[str, Any]) -> None:
-    runtimes = {"PyTorch": lat["pytorch"], "ONNX Runtime": lat.get("onnxruntime")}
+    dtype = lat.get("dtype", "float32")
+    onnx_name = "ONNX Runtime" if dtype == "float32" else "ONNX Runtime (float32)"
+    runtimes = {"PyTorch": lat["pytorch"], onnx_name: lat.get("onnxruntime")}
     cells = [
         f"{name} {r['ratio']:.2f}x the original ({r['ms']:.3g} vs {r['original_ms']:.3g} ms)"
         for name, r in runtimes.items()
@@ -285,8 +287,8 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
     if "onnxruntime" in lat and lat["onnxruntime"] is None:
         cells.append("ONNX Runtime not measured (onnxruntime not installed)")
     print(
-        f"latency on this CPU ({lat['device']}, batch 1, medians of {lat['runs']} runs side by side): "
-        + "; ".join(cells)
+        f"latency on this CPU ({lat['device']}, batch {lat.get('batch', 1)}, {dtype}, "
+        f"medians of {lat['runs']} runs side by side): " + "; ".join(cells)
     )
     fair = lat.get("pytorch_vs_folded_original")
     if fair:

@@ -52,9 +52,10 @@ def apply_cpu_execution(model: nn.Module, layers: dict[str, str]) -> None:
 
 
 def _geometry(
-    layer: FGAConv2d, shape: tuple[int, ...], executions: Sequence[str], threads: int | None
+    layer: FGAConv2d, shape: tuple[int, ...], executions: Sequence[str], target: Target
 ) -> tuple[object, ...]:
-    """What a layer's timing depends on: its structure and input size, the ways allowed, the threads."""
+    """What a layer's timing depends on: its structure and input size, the ways allowed, the
+    target (threads, batch, dtype, memory format)."""
     return (
         layer.in_channels,
         layer.out_channels,
@@ -68,7 +69,7 @@ def _geometry(
         layer.pointwise.bias is not None,
         shape,
         tuple(_executions(layer, executions)),
-        threads,
+        target,
     )
 
 
@@ -95,12 +96,13 @@ def choose_cpu_execution(
     model: nn.Module,
     *,
     input_shape: Sequence[int],
-    threads: int | None = None,
+    target: Target | None = None,
     runs: int = 50,
     executions: Sequence[str] = CPU_EXECUTIONS,
     memo: dict[tuple[object, ...], str] | None = None,
 ) -> dict[str, Any]:
-    """Time each eligible FGA layer of ``model`` (on the CPU, batch 1, float32) every way it can
+    """Time each eligible FGA layer of ``model`` on the CPU ``target`` (its threads, batch, dtype
+    and memory format; None: PyTorch's threads, batch 1, float32, NCHW) every way it can
     run (grouped, block-diagonal, dense) and pick the fastest; then time the whole model as it was,
     with those picks, with every grouped conv block-diagonal and with every pair dense, side by
     side, and keep the fastest of the last three only if it beats the first. Modifies ``model``;
@@ -115,8 +117,11 @@ def choose_cpu_execution(
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
     if isinstance(executions, str) or any(way not in CPU_EXECUTIONS for way in executions):
         raise ValueError(f"executions must be a sequence of {', '.join(CPU_EXECUTIONS)}, got {executions!r}")
+    if target is None:
+        target = Target("cpu")
+    elif target.device != "cpu":
+        raise ValueError(f"target must be a CPU target, got {target.device!r}")
     model = model.eval()
-    target = Target("cpu", threads, 1, "float32", False)
     eligible = _eligible(model, executions)
     result: dict[str, Any] = {"layers": {}, "candidates": len(eligible), "kept": False, "runs": runs}
     if not eligible:
@@ -130,7 +135,7 @@ def choose_cpu_execution(
     for name, layer in eligible.items():
         if name not in shapes:  # not reached by the forward pass
             continue
-        key = _geometry(layer, shapes[name], executions, threads)
+        key = _geometry(layer, shapes[name], executions, target)
         if key not in fastest_of:
             ways: dict[str, nn.Module] = {"grouped": layer}
             for execution in _executions(layer, executions)[1:]:

@@ -484,7 +484,7 @@ def _onnx_graph(
     example: torch.Tensor,
     path: str,
     reference: torch.Tensor,
-    threads: int | None,
+    target: Target,
     runs: int,
 ) -> tuple[float | None, dict[str, Any] | None]:
     """Write the ONNX file; return its max |diff| to ``reference`` (None: onnxruntime is not
@@ -501,7 +501,7 @@ def _onnx_graph(
     paths = {name: os.path.join(folder, f".{name}.onnx") for name in graphs}
     diffs = {name: _export_onnx(m, example, paths[name], reference) for name, m in graphs.items()}
     input_shape = tuple(example.shape[1:])
-    ms = onnx_files_latency(paths, input_shape=input_shape, threads=threads, runs=runs)
+    ms = onnx_files_latency(paths, input_shape=input_shape, target=target, runs=runs)
     chosen = "cpu_execution" if ms["cpu_execution"] < ms["grouped"] else "grouped"
     os.replace(paths[chosen], path)
     for name in graphs:
@@ -511,12 +511,12 @@ def _onnx_graph(
         "graph": chosen,
         "onnxruntime_ms": ms,
         "runs": runs,
-        "measured": "ONNX Runtime, batch 1, side by side in the exporting process, medians",
+        "measured": f"ONNX Runtime, batch {target.batch}, side by side in the exporting process, medians",
     }
 
 
 def _choose_bn_fold(
-    loaded: nn.Module, *, input_shape: Sequence[int], threads: int | None, runs: int
+    loaded: nn.Module, *, input_shape: Sequence[int], target: Target, runs: int
 ) -> dict[str, Any] | None:
     """Fold the batch norms that follow convs (``_bn_fold``) into a copy of ``loaded``, time both
     side by side on this CPU, and keep the fold only if the whole model is faster."""
@@ -527,7 +527,7 @@ def _choose_bn_fold(
     ms = measure_side_by_side(
         {"unfolded": loaded, "folded": folded},
         input_shape=input_shape,
-        target=Target("cpu", threads, 1, "float32", False),
+        target=target,
         rounds=max(1, runs // 10),
         repeats=10,
     )
@@ -586,11 +586,16 @@ def _run_target(view: RunView) -> dict[str, Any]:
     }
 
 
-def _cpu_threads(view: RunView) -> int | None:
-    """The thread count of the run's ``cpu:N`` latency target, if it had one."""
-    target = (view.record.get("config") or {}).get("target") or ""
-    kind, _, arg = str(target).partition(":")
-    return int(arg) if kind == "cpu" and arg.isdigit() else None
+def _cpu_target(view: RunView) -> Target:
+    """Where the export times its CPU choices and latencies: the run's ``cpu[:N]`` latency target
+    (its threads, batch and dtype), else this CPU at PyTorch's threads, batch 1, float32."""
+    config = view.record.get("config") or {}
+    spec = str(config.get("target") or "")
+    if spec.partition(":")[0] != "cpu":
+        return Target("cpu")
+    return Target.parse(
+        spec, batch=int(config.get("target_batch") or 1), dtype=str(config.get("target_dtype") or "float32")
+    )
 
 
 def export(
@@ -618,8 +623,10 @@ def export(
     the PyTorch model (max abs difference <= 1e-4 x max(1, max |output|), else
     :class:`ExportVerificationError`).
     ``latency_runs`` (>= 10; 0: skip) times the exported and the original model side by side on
-    this machine's CPU at batch 1, in eager PyTorch and, with ``"onnx"``, in ONNX Runtime
-    (``spec["latency_at_export"]``; the threads of the run's ``cpu:N`` target, else PyTorch's).
+    this machine's CPU, in eager PyTorch and, with ``"onnx"``, in ONNX Runtime
+    (``spec["latency_at_export"]``), and chooses by the same timings how the FGA layers run on a
+    CPU and whether batch norms are folded: at the threads, batch and dtype of the run's
+    ``cpu[:N]`` latency target, else at PyTorch's threads, batch 1, float32.
     Unless ``quiet``, the long steps (re-running a trial, each epoch of the final fine-tune with
     an ETA) are reported on stderr.
 
@@ -645,6 +652,7 @@ def export(
     if target in (view.path, view.folder.models_dir):
         raise ValueError(f"--out {target} must not be the run folder or its models/ folder")
     row, how = _select(view, chosen)
+    cpu_target = _cpu_target(view)
     source = _weights_source(view, row)
     plan = load_plan(source["plan"])
     setup = prepare(_run_config(view, device), log=False, latency_floor_check=False, time_latency=False)
@@ -697,7 +705,7 @@ def export(
         if latency_runs:
             # how each FGA layer runs on this CPU: measured, kept only where the whole model is faster
             cpu_execution = choose_cpu_execution(
-                loaded, input_shape=setup.data.input_shape, threads=_cpu_threads(view), runs=latency_runs
+                loaded, input_shape=setup.data.input_shape, target=cpu_target, runs=latency_runs
             )
             if cpu_execution["kept"]:  # block-diagonal and dense convs spend more FLOPs to take less time
                 with torch.no_grad():
@@ -708,7 +716,7 @@ def export(
             loaded = load_exported(staging)
             # then batch norms folded into the convs before them: kept only if measured faster
             bn_fold = _choose_bn_fold(
-                loaded, input_shape=setup.data.input_shape, threads=_cpu_threads(view), runs=latency_runs
+                loaded, input_shape=setup.data.input_shape, target=cpu_target, runs=latency_runs
             )
             if bn_fold is not None:
                 spec["bn_fold"] = bn_fold
@@ -747,7 +755,7 @@ def export(
                     example=example,
                     path=path,
                     reference=reference,
-                    threads=_cpu_threads(view),
+                    target=cpu_target,
                     runs=latency_runs,
                 )
                 verification[kind] = None if diff is None else _check(kind, diff, limit)
@@ -762,7 +770,7 @@ def export(
                 setup.model,
                 folded_original=folded_original,
                 input_shape=setup.data.input_shape,
-                threads=_cpu_threads(view),
+                target=cpu_target,
                 runs=latency_runs,
                 onnx="onnx" in kinds,
                 onnx_file=os.path.join(staging, _FILES["onnx"]) if "onnx" in kinds else None,

@@ -78,13 +78,23 @@ def _file_session(path: str, threads: int) -> Any:
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def _cpu_target(target: Target | None) -> Target:
+    if target is None:
+        return Target("cpu")
+    if target.device != "cpu":
+        raise ValueError(f"target must be a CPU target, got {target.device!r}")
+    return target
+
+
 def onnx_files_latency(
-    paths: dict[str, str], *, input_shape: Sequence[int], threads: int | None = None, runs: int = 50
+    paths: dict[str, str], *, input_shape: Sequence[int], target: Target | None = None, runs: int = 50
 ) -> dict[str, float]:
-    """Median ms of each ONNX file in ONNX Runtime (batch 1, default session options), side by
-    side, round by round. Each file's input is named ``input``."""
-    threads = threads or torch.get_num_threads()
-    feed = {"input": torch.zeros(1, *input_shape).numpy()}
+    """Median ms of each ONNX file in ONNX Runtime (default session options) on the CPU
+    ``target``'s threads and batch (None: PyTorch's threads, batch 1), float32 input, side by side,
+    round by round. Each file's input is named ``input``."""
+    target = _cpu_target(target)
+    threads = target.threads or torch.get_num_threads()
+    feed = {"input": torch.zeros(target.batch, *input_shape).numpy()}
     sessions = {name: _file_session(path, threads) for name, path in paths.items()}
 
     def runner(name: str) -> Callable[[], object]:
@@ -103,14 +113,16 @@ def export_latency(
     *,
     folded_original: nn.Module | None = None,
     input_shape: Sequence[int],
-    threads: int | None = None,
+    target: Target | None = None,
     runs: int = 50,
     onnx: bool = False,
     onnx_file: str | None = None,
     scratch: str | None = None,
 ) -> dict[str, Any]:
-    """Batch-1 float32 CPU latency of ``model`` and ``original``, measured side by side: in eager
-    PyTorch, and in ONNX Runtime when ``onnx`` (and onnxruntime is installed): ``onnx_file`` if
+    """CPU latency of ``model`` and ``original`` on ``target`` (a CPU target: its threads, batch,
+    dtype and memory format; None: PyTorch's threads, batch 1, float32, NCHW), measured side by
+    side: in eager PyTorch, and in ONNX Runtime (at the target's batch, in float32, the ONNX
+    file's precision) when ``onnx`` (and onnxruntime is installed): ``onnx_file`` if
     given (the file a user ships), else ``model`` exported; the original is exported to a
     temporary folder under ``scratch`` and removed. Medians of ``runs`` runs. ``folded_original``
     (the original with its batch norms folded, when the export folded the model's): also timed in
@@ -118,8 +130,8 @@ def export_latency(
     (``"pytorch_vs_folded_original"``); ONNX Runtime folds batch norms in both graphs itself."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"latency runs must be an integer >= 10, got {runs!r}")
-    target = Target("cpu", threads, 1, "float32", False)
-    threads = threads or torch.get_num_threads()
+    target = _cpu_target(target)
+    threads = target.threads or torch.get_num_threads()
     timed = {"model": model, "original": original}
     if folded_original is not None:
         timed["folded original"] = folded_original
@@ -133,8 +145,9 @@ def export_latency(
     out: dict[str, Any] = {
         "device": target.hardware(),
         "threads": threads,
-        "batch": 1,
-        "dtype": "float32",
+        "batch": target.batch,
+        "dtype": target.dtype,
+        "memory_format": "channels_last" if target.channels_last else "nchw",
         "runs": runs,
         "measured": "side by side in the exporting process, medians",
         "pytorch": _entry(ms["model"], ms["original"]),
@@ -147,7 +160,7 @@ def export_latency(
         except ImportError:
             out["onnxruntime"] = None
             return out
-        example = torch.zeros(1, *input_shape)
+        example = torch.zeros(target.batch, *input_shape)  # float32: the ONNX file's precision
         with tempfile.TemporaryDirectory(prefix=".fga-latency-", dir=scratch) as tmp:
             # the file a user ships, if given; else the model exported here, as the original is
             exported = (
@@ -167,5 +180,5 @@ def export_latency(
                 return lambda: sessions[name].run(None, feed)
 
             ort_ms = interleaved({name: runner(name) for name in sessions}, runs)
-        out["onnxruntime"] = _entry(ort_ms["model"], ort_ms["original"])
+        out["onnxruntime"] = {**_entry(ort_ms["model"], ort_ms["original"]), "dtype": "float32"}
     return out

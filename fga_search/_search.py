@@ -600,7 +600,9 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     for row in front:
         member = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
         # as the export will run it on this CPU
-        chosen = choose_cpu_execution(member, input_shape=setup.data.input_shape, runs=runs, memo=memo)
+        chosen = choose_cpu_execution(
+            member, input_shape=setup.data.input_shape, target=target, runs=runs, memo=memo
+        )
         ways = list(chosen["layers"].values())
         block_diagonal[str(row["trial"])] = ways.count("block_diagonal")
         dense[str(row["trial"])] = ways.count("dense")

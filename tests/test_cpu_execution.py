@@ -8,6 +8,7 @@ from torch import nn
 
 from fga_search import FGAConv2d, decompose
 from fga_search._cpu_execution import apply_cpu_execution, choose_cpu_execution
+from fga_search.latency import Target
 
 PLAN = {"0": (1, 2), "2": (2, 3), "4": (4, 2)}  # "0" has g = 1: grouped or dense, no block-diagonal
 
@@ -30,13 +31,21 @@ def executions(model: nn.Module) -> dict[str, str]:
     return {n: m.cpu_execution for n, m in model.named_modules() if isinstance(m, FGAConv2d)}
 
 
-@pytest.mark.parametrize(("channels", "hw"), [(12, 16), (24, 8)])
-def test_choice_is_measured_and_keeps_the_outputs(channels: int, hw: int) -> None:
+@pytest.mark.parametrize(
+    ("channels", "hw", "target"),
+    [
+        (12, 16, None),
+        (24, 8, None),
+        (12, 8, Target("cpu", 1, 3, "bf16")),
+        (8, 8, Target("cpu", 2, 2, "fp16")),
+    ],
+)
+def test_choice_is_measured_and_keeps_the_outputs(channels: int, hw: int, target: Target | None) -> None:
     model = decompose(cnn(channels), PLAN)
     x = torch.randn(2, 3, hw, hw)
     with torch.no_grad():
         before = model(x)
-    result = choose_cpu_execution(model, input_shape=(3, hw, hw), runs=10)
+    result = choose_cpu_execution(model, input_shape=(3, hw, hw), target=target, runs=10)
     assert result["candidates"] == 3 and result["runs"] == 10
     assert set(result["layers"]) <= {"0", "2", "4"}
     assert set(result["layers"].values()) <= {"block_diagonal", "dense"}
@@ -159,6 +168,36 @@ def test_each_layer_geometry_is_timed_once(monkeypatch: pytest.MonkeyPatch) -> N
     timed.clear()
     choose_cpu_execution(decompose(same, plan), input_shape=(8, 16, 16), memo=memo)
     assert len([t for t in timed if "grouped" in t]) == 2  # another input size: timed anew
+
+
+def test_every_timing_is_on_the_target_and_each_target_is_timed_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's ``cpu:N`` target with its batch and dtype is where the export's choice is timed:
+    the layers and the whole model alike; a layer geometry timed on one target is timed anew on
+    another (its batch, dtype or threads change which way is fastest)."""
+    ms = {"grouped": 2.0, "block_diagonal": 1.0, "dense": 1.5, "before": 1.0, "after": 0.5}
+    ms.update({"all block-diagonal": 0.7, "all dense": 0.9})
+    seen: list[tuple[Target, tuple[int, ...]]] = []
+
+    def measure(
+        models: dict[str, nn.Module], *, input_shape: tuple[int, ...], target: Target, **_: object
+    ) -> dict[str, float]:
+        seen.append((target, tuple(input_shape)))
+        return {name: ms[name] for name in models}
+
+    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", measure)
+    memo: dict[tuple[object, ...], str] = {}
+    batched = Target("cpu", 1, 8, "bf16")
+    choose_cpu_execution(decompose(cnn(12), PLAN), input_shape=(3, 16, 16), target=batched, memo=memo)
+    assert len(seen) == 4 and {t for t, _ in seen} == {batched}  # 3 layers, then the whole model
+    assert seen[-1][1] == (3, 16, 16) and seen[0][1] == (3, 16, 16) and seen[1][1] == (12, 16, 16)
+    seen.clear()
+    choose_cpu_execution(decompose(cnn(12), PLAN), input_shape=(3, 16, 16), target=batched, memo=memo)
+    assert len(seen) == 1  # every geometry already timed on this target: only the whole model
+    seen.clear()
+    choose_cpu_execution(decompose(cnn(12), PLAN), input_shape=(3, 16, 16), memo=memo)
+    assert len(seen) == 4 and {t for t, _ in seen} == {Target("cpu")}  # batch 1, float32: anew
+    with pytest.raises(ValueError, match="target must be a CPU target, got 'cuda'"):
+        choose_cpu_execution(decompose(cnn(12), PLAN), input_shape=(3, 16, 16), target=Target("cuda"))
 
 
 def test_the_ways_tried_can_be_limited(monkeypatch: pytest.MonkeyPatch) -> None:

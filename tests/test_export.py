@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from fga_search._flops import measure_macs
 from fga_search._loader import DeviceSplit, Normalization
 from fga_search._plan import load_plan
 from fga_search._surgery import apply_plan_structure
+from fga_search.latency import Target
 from helpers import digits_trial, fake_run, rows
 
 PLAN = {"features.3": [8, 5], "features.6": [8, 2], "features.10": [8, 8], "features.13": [4, 3]}
@@ -195,20 +197,32 @@ def test_trial_without_checkpoint_is_rerun(
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
 
 
+@pytest.fixture(scope="module")
+def latency_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run searched against measured latency on ``cpu:1`` at batch 2 in bf16 (untrained model).
+    Tests copy it before they change it."""
+    from fga_search import search
+
+    root = tmp_path_factory.mktemp("latency-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        search(out=str(root / "run"), model="helpers:wide_cnn", dataset="digits", budget=0.9,
+               objective="accuracy,flops,latency", target="cpu:1", target_batch=2, target_dtype="bf16",
+               trials=4, epochs=0.2, quiet=True)  # fmt: skip
+    return root / "run"
+
+
 def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run searched against a CUDA latency target, exported where there is no CUDA: the export
     needs the trials' weights, data and settings, not the target (the trials measured the
     latency). It exports a front member from its checkpoint, and re-runs a trial without one,
     timing nothing on the target. The model is untrained: its initial weights come from the run's
     seed, in the search's process and in the export's alike."""
-    from fga_search import search
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    search(out=str(run), model="helpers:wide_cnn", dataset="digits", budget=0.9, objective="accuracy,flops,latency",
-           target="cpu:2", trials=4, epochs=0.2, quiet=True)  # fmt: skip
+    shutil.copytree(latency_run, run)
     record = json.loads((run / "run.json").read_text())
     record["config"]["target"] = "cuda"  # as a search on a GPU machine records it
     (run / "run.json").write_text(json.dumps(record))
@@ -221,7 +235,7 @@ def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
     assert not result.rebuilt and result.trial == best["trial"]
     assert result.spec["latency"]["ms"] == pytest.approx(best["latency_ms"])
     assert result.spec["latency"]["target"] == {
-        "target": "cuda", "batch": 1, "dtype": "float32", "key": record["identity"]["target"]
+        "target": "cuda", "batch": 2, "dtype": "bf16", "key": record["identity"]["target"]
     }  # fmt: skip
     kept = torch.load(run / "models" / f"trial_{best['trial']:05d}.pt", weights_only=True)
     os.remove(run / "models" / f"trial_{best['trial']:05d}.pt")
@@ -234,6 +248,35 @@ def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
     assert set(rerun) == set(kept)
     for name, value in kept.items():
         torch.testing.assert_close(rerun[name], value, msg=name)
+
+
+def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
+    latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run searched for ``cpu:1`` at batch 2 in bf16: the export chooses its CPU execution and
+    batch-norm fold, and measures its latency, on that target, not at batch 1 in float32."""
+    import fga_search._export as export_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    seen: list[Target] = []
+    choose = export_module.choose_cpu_execution
+
+    def recording(model: torch.nn.Module, **kwargs: Any) -> dict[str, Any]:
+        seen.append(kwargs["target"])
+        return choose(model, **kwargs)
+
+    monkeypatch.setattr(export_module, "choose_cpu_execution", recording)
+    out = tmp_path / "exp"
+    code = main(["export", str(latency_run), "--out", str(out), "--latency-runs", "10", "--device", "cpu"])
+    assert code == 0
+    assert seen == [Target("cpu", 1, 2, "bf16")]
+    spec = json.loads((out / "spec.json").read_text())
+    lat = spec["latency_at_export"]
+    assert (lat["threads"], lat["batch"], lat["dtype"], lat["runs"]) == (1, 2, "bf16", 10)
+    assert lat["device"].endswith("(1 threads)") and "bn_fold" in spec and "cpu_execution" in spec
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("latency on this CPU"))
+    assert f"({lat['device']}, batch 2, bf16, medians of 10 runs side by side)" in line
+    assert f"PyTorch {lat['pytorch']['ratio']:.2f}x the original" in line
 
 
 @pytest.mark.slow
@@ -390,7 +433,7 @@ def test_export_command_prints_a_summary(
         assert expected in text
     lat = spec["latency_at_export"]
     line = next(ln for ln in text.splitlines() if ln.startswith("latency on this CPU"))
-    assert f"({lat['device']}, batch 1, medians of 50 runs side by side)" in line
+    assert f"({lat['device']}, batch 1, float32, medians of 50 runs side by side)" in line
     for name, key in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime")):
         r = lat[key]
         assert f"{name} {r['ratio']:.2f}x the original ({r['ms']:.3g} vs {r['original_ms']:.3g} ms)" in line

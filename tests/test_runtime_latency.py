@@ -9,6 +9,7 @@ from torch import nn
 
 from fga_search import decompose
 from fga_search._runtime_latency import export_latency, onnx_files_latency
+from fga_search.latency import Target
 
 
 def small_cnn(c: int) -> nn.Module:
@@ -24,19 +25,50 @@ def small_cnn(c: int) -> nn.Module:
     ).eval()
 
 
-@pytest.mark.parametrize(("channels", "hw", "threads"), [(8, 12, 1), (16, 8, 2)])
+class _Recorded:
+    """An ONNX Runtime session that notes the batch of every input it runs."""
+
+    def __init__(self, session: object, batches: list[int]) -> None:
+        self.session, self.batches = session, batches
+
+    def run(self, names: object, feed: dict[str, object]) -> object:
+        self.batches.append(len(feed["input"]))  # type: ignore[arg-type]
+        return self.session.run(names, feed)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("channels", "hw", "threads", "batch", "dtype"), [(8, 12, 1, 1, "float32"), (16, 8, 2, 3, "bf16")]
+)
 def test_both_runtimes_time_both_models_and_leave_no_files(
-    tmp_path: Path, channels: int, hw: int, threads: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    channels: int,
+    hw: int,
+    threads: int,
+    batch: int,
+    dtype: str,
 ) -> None:
+    """Both runtimes at the target's threads and batch; PyTorch in its dtype, ONNX Runtime in
+    float32 (the ONNX file's)."""
+    import fga_search._runtime_latency as runtime_latency
+
+    batches: list[int] = []
+    session = runtime_latency._file_session
+    monkeypatch.setattr(runtime_latency, "_file_session", lambda *a: _Recorded(session(*a), batches))
     original = small_cnn(channels)
     model = decompose(original, {"2": (2, 2)})
     before = torch.get_num_threads()
+    target = Target("cpu", threads, batch, dtype)
     lat = export_latency(
-        model, original, input_shape=(3, hw, hw), threads=threads, runs=20, onnx=True, scratch=str(tmp_path)
+        model, original, input_shape=(3, hw, hw), target=target, runs=20, onnx=True, scratch=str(tmp_path)
     )
     assert torch.get_num_threads() == before
-    assert lat["threads"] == threads and lat["runs"] == 20 and lat["batch"] == 1
+    assert lat["threads"] == threads and lat["runs"] == 20 and lat["batch"] == batch
+    assert (
+        lat["dtype"] == dtype and lat["memory_format"] == "nchw" and lat["onnxruntime"]["dtype"] == "float32"
+    )
     assert lat["device"].endswith(f"({threads} threads)")
+    assert len(batches) == 2 * (5 + 20) and set(batches) == {batch}  # warm-up and timed runs, both files
     for runtime in ("pytorch", "onnxruntime"):
         r = lat[runtime]
         assert 0 < r["ms"] < 100 and 0 < r["original_ms"] < 100
@@ -87,5 +119,7 @@ def test_a_given_onnx_file_is_the_one_timed(tmp_path: Path) -> None:
             onnx=True,
             onnx_file=str(tmp_path / "nowhere.onnx"),
         )
-    ms = onnx_files_latency({"a": str(shipped), "b": str(shipped)}, input_shape=(3, 8, 8), threads=1, runs=10)
+    ms = onnx_files_latency(
+        {"a": str(shipped), "b": str(shipped)}, input_shape=(3, 8, 8), target=Target("cpu", 1), runs=10
+    )
     assert set(ms) == {"a", "b"} and all(0 < v < 100 for v in ms.values())
