@@ -98,6 +98,11 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         help="dtype on the target (default float32)",
     )
     g.add_argument(
+        "--target-memory-format",
+        choices=["nchw", "channels_last"],
+        help="memory format of the activations on the target (default channels_last on CUDA, nchw on CPU)",
+    )
+    g.add_argument(
         "--front-latency-runs",
         type=int,
         default=30,
@@ -286,8 +291,9 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
     ]
     if "onnxruntime" in lat and lat["onnxruntime"] is None:
         cells.append("ONNX Runtime not measured (onnxruntime not installed)")
+    layout = "channels_last, " if lat.get("memory_format") == "channels_last" else ""
     print(
-        f"latency on this CPU ({lat['device']}, batch {lat.get('batch', 1)}, {dtype}, "
+        f"latency on this CPU ({lat['device']}, batch {lat.get('batch', 1)}, {dtype}, {layout}"
         f"medians of {lat['runs']} runs side by side): " + "; ".join(cells)
     )
     fair = lat.get("pytorch_vs_folded_original")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .latency import Target
 
 __all__ = ["BUDGET_METRICS", "SAMPLERS", "RunConfig"]
 
@@ -12,6 +15,7 @@ SAMPLERS = ("nsga2", "tpe", "random")
 BUDGET_METRICS = ("flops", "params", "latency")
 OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
+MEMORY_FORMATS = (None, "nchw", "channels_last")
 
 
 def needs_latency(objective: str, budget_metric: str) -> bool:
@@ -35,6 +39,7 @@ class RunConfig:
     target: str | None = None  # where latency is measured: cpu, cpu:THREADS, cuda, cuda:N
     target_batch: int = 1
     target_dtype: str = "float32"
+    target_memory_format: str | None = None  # nchw or channels_last; None: channels_last on CUDA, nchw on CPU
     # without a latency target: time the front's members on this CPU after the search (0: skip)
     front_latency_runs: int = 30
     trials: int = 40
@@ -89,18 +94,22 @@ class RunConfig:
             )
         if self.target_batch < 1:
             bad("target_batch", self.target_batch, "must be >= 1")
+        if self.target_memory_format not in MEMORY_FORMATS:
+            bad("target_memory_format", self.target_memory_format, "must be nchw or channels_last")
         if self.target is not None:
-            from .latency import Target  # the target's syntax, thread count and dtype
-
-            Target.parse(self.target, batch=self.target_batch, dtype=self.target_dtype)
+            self.latency_target()  # the target's syntax, thread count and dtype
             if not self.needs_latency:  # it would be ignored
                 raise ValueError(
                     f"--target {self.target!r} is used by a latency objective or --budget-metric latency; "
                     "add --objective accuracy,flops,latency to search and report latency on it "
                     "(without --target, the front is timed on this CPU after the search)"
                 )
-        elif self.target_batch != 1 or self.target_dtype != "float32":
-            raise ValueError("--target-batch and --target-dtype need --target (e.g. cpu:2 or cuda)")
+        elif (
+            self.target_batch != 1 or self.target_dtype != "float32" or self.target_memory_format is not None
+        ):
+            raise ValueError(
+                "--target-batch, --target-dtype and --target-memory-format need --target (e.g. cpu:2 or cuda)"
+            )
         if (
             isinstance(self.front_latency_runs, bool)
             or not isinstance(self.front_latency_runs, int)
@@ -159,6 +168,18 @@ class RunConfig:
     @property
     def needs_latency(self) -> bool:
         return needs_latency(self.objective, self.budget_metric)
+
+    def latency_target(self) -> Target | None:
+        """The ``--target`` with its batch, dtype and memory format (``ValueError`` if malformed),
+        or None without one."""
+        if self.target is None:
+            return None
+        from .latency import Target
+
+        layout = None if self.target_memory_format is None else self.target_memory_format == "channels_last"
+        return Target.parse(
+            self.target, batch=self.target_batch, dtype=self.target_dtype, channels_last=layout
+        )
 
     @property
     def costs(self) -> list[str]:

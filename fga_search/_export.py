@@ -268,7 +268,7 @@ def _run_config(view: RunView, device: str | None) -> Any:
     known.update(device=device, quiet=True, out=view.path)
     # a target that runs made before it was refused there went unused
     if not needs_latency(str(known.get("objective", "")), str(known.get("budget_metric", ""))):
-        for key in ("target", "target_batch", "target_dtype"):
+        for key in ("target", "target_batch", "target_dtype", "target_memory_format"):
             known.pop(key, None)
     return RunConfig(**known)
 
@@ -575,27 +575,24 @@ def _move_into_place(staging: str, target: str) -> None:
         os.replace(staging, target)  # also over an empty folder
 
 
-def _run_target(view: RunView) -> dict[str, Any]:
+def _run_target(view: RunView, config: Any) -> dict[str, Any]:
     """The latency target the run's trials were timed on, as its options named it."""
-    config = view.record.get("config") or {}
+    target = config.latency_target()
     return {
-        "target": config.get("target"),
-        "batch": config.get("target_batch"),
-        "dtype": config.get("target_dtype"),
+        "target": config.target,
+        "batch": config.target_batch,
+        "dtype": config.target_dtype,
+        "memory_format": None if target is None else "channels_last" if target.channels_last else "nchw",
         "key": (view.record.get("identity") or {}).get("target"),  # hardware, dtype, batch, layout, torch
     }
 
 
-def _cpu_target(view: RunView) -> Target:
+def _cpu_target(config: Any) -> Target:
     """Where the export times its CPU choices and latencies: the run's ``cpu[:N]`` latency target
-    (its threads, batch and dtype), else this CPU at PyTorch's threads, batch 1, float32."""
-    config = view.record.get("config") or {}
-    spec = str(config.get("target") or "")
-    if spec.partition(":")[0] != "cpu":
-        return Target("cpu")
-    return Target.parse(
-        spec, batch=int(config.get("target_batch") or 1), dtype=str(config.get("target_dtype") or "float32")
-    )
+    (its threads, batch, dtype and memory format), else this CPU at PyTorch's threads, batch 1,
+    float32, NCHW."""
+    target = config.latency_target()
+    return target if target is not None and target.device == "cpu" else Target("cpu")
 
 
 def export(
@@ -652,10 +649,11 @@ def export(
     if target in (view.path, view.folder.models_dir):
         raise ValueError(f"--out {target} must not be the run folder or its models/ folder")
     row, how = _select(view, chosen)
-    cpu_target = _cpu_target(view)
     source = _weights_source(view, row)
     plan = load_plan(source["plan"])
-    setup = prepare(_run_config(view, device), log=False, latency_floor_check=False, time_latency=False)
+    config = _run_config(view, device)
+    cpu_target = _cpu_target(config)
+    setup = prepare(config, log=False, latency_floor_check=False, time_latency=False)
     _check_same_inputs(view, setup)
     runner = make_runner(setup)
     try:
@@ -794,7 +792,7 @@ def export(
                     "ms": source["latency_ms"],
                     "ratio": source.get("latency_ratio"),
                     "measured": "during the search, on the trial's device",
-                    "target": _run_target(view),
+                    "target": _run_target(view, config),
                 }
             ),
             latency_at_export=at_export,

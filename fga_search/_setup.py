@@ -311,8 +311,8 @@ def prepare(
     latency = None
     pinned: list[str] = []
     if config.needs_latency and time_latency:
-        assert config.target is not None
-        target = Target.parse(config.target, batch=config.target_batch, dtype=config.target_dtype)
+        target = config.latency_target()
+        assert target is not None
         oversubscribed = target.oversubscribed()
         if log and oversubscribed:
             print(f"warning: {oversubscribed}", file=sys.stderr)

@@ -160,6 +160,9 @@ def test_bad_front_latency_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not (tmp_path / "run").exists()
 
 
+NEED_TARGET = "--target-batch, --target-dtype and --target-memory-format need --target (e.g. cpu:2 or cuda)"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -176,8 +179,9 @@ def test_bad_front_latency_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
             ["--budget-metric", "latency", "--target", "gpu"],
             "--target 'gpu': use cpu, cpu:THREADS, cuda or cuda:INDEX",
         ),
-        (["--target-batch", "8"], "--target-batch and --target-dtype need --target (e.g. cpu:2 or cuda)"),
-        (["--target-dtype", "bf16"], "--target-batch and --target-dtype need --target (e.g. cpu:2 or cuda)"),
+        (["--target-batch", "8"], NEED_TARGET),
+        (["--target-dtype", "bf16"], NEED_TARGET),
+        (["--target-memory-format", "channels_last"], NEED_TARGET),
     ],
 )
 def test_a_target_that_would_be_ignored_or_cannot_be_used_is_refused(

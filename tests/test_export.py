@@ -199,7 +199,8 @@ def test_trial_without_checkpoint_is_rerun(
 
 @pytest.fixture(scope="module")
 def latency_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run searched against measured latency on ``cpu:1`` at batch 2 in bf16 (untrained model).
+    """A run searched against measured latency on ``cpu:1`` at batch 2 in bf16, channels_last
+    (untrained model).
     Tests copy it before they change it."""
     from fga_search import search
 
@@ -208,7 +209,7 @@ def latency_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
         search(out=str(root / "run"), model="helpers:wide_cnn", dataset="digits", budget=0.9,
                objective="accuracy,flops,latency", target="cpu:1", target_batch=2, target_dtype="bf16",
-               trials=4, epochs=0.2, quiet=True)  # fmt: skip
+               target_memory_format="channels_last", trials=4, epochs=0.2, quiet=True)  # fmt: skip
     return root / "run"
 
 
@@ -235,8 +236,10 @@ def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
     assert not result.rebuilt and result.trial == best["trial"]
     assert result.spec["latency"]["ms"] == pytest.approx(best["latency_ms"])
     assert result.spec["latency"]["target"] == {
-        "target": "cuda", "batch": 2, "dtype": "bf16", "key": record["identity"]["target"]
+        "target": "cuda", "batch": 2, "dtype": "bf16", "memory_format": "channels_last",
+        "key": record["identity"]["target"],
     }  # fmt: skip
+    assert record["identity"]["target"].endswith(f"|bf16|batch 2|channels_last|torch {torch.__version__}")
     kept = torch.load(run / "models" / f"trial_{best['trial']:05d}.pt", weights_only=True)
     os.remove(run / "models" / f"trial_{best['trial']:05d}.pt")
     again = export(
@@ -253,8 +256,9 @@ def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
 def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A run searched for ``cpu:1`` at batch 2 in bf16: the export chooses its CPU execution and
-    batch-norm fold, and measures its latency, on that target, not at batch 1 in float32."""
+    """A run searched for ``cpu:1`` at batch 2 in bf16, channels_last: the export chooses its CPU
+    execution and batch-norm fold, and measures its latency, on that target, not at batch 1 in
+    float32, NCHW."""
     import fga_search._export as export_module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -269,13 +273,14 @@ def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     out = tmp_path / "exp"
     code = main(["export", str(latency_run), "--out", str(out), "--latency-runs", "10", "--device", "cpu"])
     assert code == 0
-    assert seen == [Target("cpu", 1, 2, "bf16")]
+    assert seen == [Target("cpu", 1, 2, "bf16", channels_last=True)]
     spec = json.loads((out / "spec.json").read_text())
     lat = spec["latency_at_export"]
     assert (lat["threads"], lat["batch"], lat["dtype"], lat["runs"]) == (1, 2, "bf16", 10)
+    assert lat["memory_format"] == "channels_last"
     assert lat["device"].endswith("(1 threads)") and "bn_fold" in spec and "cpu_execution" in spec
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("latency on this CPU"))
-    assert f"({lat['device']}, batch 2, bf16, medians of 10 runs side by side)" in line
+    assert f"({lat['device']}, batch 2, bf16, channels_last, medians of 10 runs side by side)" in line
     assert f"PyTorch {lat['pytorch']['ratio']:.2f}x the original" in line
 
 
