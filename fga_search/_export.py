@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency, write_onnx
 from ._runview import RunView, is_usable, read_run
 from .latency import Target, measure_side_by_side
+
+if TYPE_CHECKING:
+    from ._config import RunConfig
 
 __all__ = ["FORMATS", "TOLERANCE", "ExportResult", "ExportVerificationError", "export", "load_exported"]
 
@@ -255,7 +258,7 @@ def _weights_source(view: RunView, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _run_config(view: RunView, device: str | None) -> Any:
+def _run_config(view: RunView, device: str | None) -> RunConfig:
     from ._config import RunConfig, needs_latency
 
     stored = dict(view.record.get("config") or {})
@@ -575,7 +578,7 @@ def _move_into_place(staging: str, target: str) -> None:
         os.replace(staging, target)  # also over an empty folder
 
 
-def _run_target(view: RunView, config: Any) -> dict[str, Any]:
+def _run_target(view: RunView, config: RunConfig) -> dict[str, Any]:
     """The latency target the run's trials were timed on, as its options named it."""
     target = config.latency_target()
     return {
@@ -587,7 +590,7 @@ def _run_target(view: RunView, config: Any) -> dict[str, Any]:
     }
 
 
-def _cpu_target(config: Any) -> Target:
+def _cpu_target(config: RunConfig) -> Target:
     """Where the export times its CPU choices and latencies: the run's ``cpu[:N]`` latency target
     (its threads, batch, dtype and memory format), else this CPU at PyTorch's threads, batch 1,
     float32, NCHW."""
@@ -622,8 +625,8 @@ def export(
     ``latency_runs`` (>= 10; 0: skip) times the exported and the original model side by side on
     this machine's CPU, in eager PyTorch and, with ``"onnx"``, in ONNX Runtime
     (``spec["latency_at_export"]``), and chooses by the same timings how the FGA layers run on a
-    CPU and whether batch norms are folded: at the threads, batch and dtype of the run's
-    ``cpu[:N]`` latency target, else at PyTorch's threads, batch 1, float32.
+    CPU and whether batch norms are folded: at the threads, batch, dtype and memory format of the
+    run's ``cpu[:N]`` latency target, else at PyTorch's threads, batch 1, float32, NCHW.
     Unless ``quiet``, the long steps (re-running a trial, each epoch of the final fine-tune with
     an ETA) are reported on stderr.
 
