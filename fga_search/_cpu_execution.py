@@ -23,7 +23,17 @@ from torch import nn
 from ._fga import CPU_EXECUTIONS, FGAConv2d
 from .latency import Target, measure_side_by_side
 
-__all__ = ["apply_cpu_execution", "choose_cpu_execution"]
+__all__ = ["apply_cpu_execution", "choose_cpu_execution", "cpu_target"]
+
+
+def cpu_target(target: Target | None) -> Target:
+    """``target``, which must be a CPU target; None: this CPU at PyTorch's threads, batch 1,
+    float32, NCHW."""
+    if target is None:
+        return Target("cpu")
+    if target.device != "cpu":
+        raise ValueError(f"target must be a CPU target, got {target.device!r}")
+    return target
 
 
 def _executions(layer: FGAConv2d, allowed: Sequence[str]) -> list[str]:
@@ -117,10 +127,7 @@ def choose_cpu_execution(
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
     if isinstance(executions, str) or any(way not in CPU_EXECUTIONS for way in executions):
         raise ValueError(f"executions must be a sequence of {', '.join(CPU_EXECUTIONS)}, got {executions!r}")
-    if target is None:
-        target = Target("cpu")
-    elif target.device != "cpu":
-        raise ValueError(f"target must be a CPU target, got {target.device!r}")
+    target = cpu_target(target)
     model = model.eval()
     eligible = _eligible(model, executions)
     result: dict[str, Any] = {"layers": {}, "candidates": len(eligible), "kept": False, "runs": runs}

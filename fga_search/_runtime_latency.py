@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._cpu_execution import cpu_target
 from ._onnx_pool import onnx_ready
 from .latency import Target, measure_side_by_side
 
@@ -78,21 +79,13 @@ def _file_session(path: str, threads: int) -> Any:
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _cpu_target(target: Target | None) -> Target:
-    if target is None:
-        return Target("cpu")
-    if target.device != "cpu":
-        raise ValueError(f"target must be a CPU target, got {target.device!r}")
-    return target
-
-
 def onnx_files_latency(
     paths: dict[str, str], *, input_shape: Sequence[int], target: Target | None = None, runs: int = 50
 ) -> dict[str, float]:
     """Median ms of each ONNX file in ONNX Runtime (default session options) on the CPU
     ``target``'s threads and batch (None: PyTorch's threads, batch 1), float32 input, side by side,
     round by round. Each file's input is named ``input``."""
-    target = _cpu_target(target)
+    target = cpu_target(target)
     threads = target.threads or torch.get_num_threads()
     feed = {"input": torch.zeros(target.batch, *input_shape).numpy()}
     sessions = {name: _file_session(path, threads) for name, path in paths.items()}
@@ -130,7 +123,7 @@ def export_latency(
     (``"pytorch_vs_folded_original"``); ONNX Runtime folds batch norms in both graphs itself."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 10:
         raise ValueError(f"latency runs must be an integer >= 10, got {runs!r}")
-    target = _cpu_target(target)
+    target = cpu_target(target)
     threads = target.threads or torch.get_num_threads()
     timed = {"model": model, "original": original}
     if folded_original is not None:
