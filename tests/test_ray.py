@@ -226,6 +226,16 @@ def test_a_killed_worker_is_retried_and_the_search_finishes(cluster: Cluster) ->
     assert all(r["state"] == "COMPLETE" for r in trials)  # FailureConfig(max_failures=1) retried it
 
 
+def tune_state_whole(experiment: Path) -> bool:
+    """Whether the newest experiment state Tune wrote in ``experiment`` parses as JSON."""
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        json.loads(states[-1].read_text())
+    except (IndexError, OSError, ValueError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize("tune_state", ["kept", "unreadable", "stale-searcher"])
 def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     cluster: Cluster, tune_state: str
@@ -241,7 +251,9 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     proc = cluster.cli(args)
     deadline = time.monotonic() + 300
     first_searcher: dict[Path, bytes] = {}  # the searcher's state as Tune first saved it
-    while len(done(run / "trials.parquet")) < 2:
+    # killed once two trials are recorded and Tune's newest experiment state is whole: a kill
+    # during Tune's write of that state is the ``unreadable`` case, made below on purpose
+    while len(done(run / "trials.parquet")) < 2 or not tune_state_whole(run / "ray"):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         if not first_searcher:
