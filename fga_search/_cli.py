@@ -146,7 +146,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-limit", type=int, help="use a stratified subset of this many training images")
     g.add_argument("--val-limit", type=int, help="use a stratified subset of this many validation images")
     g.add_argument("--test-limit", type=int, help="use a stratified subset of this many test images")
-    g = p.add_argument_group("Ray cluster (see README: Running on a Ray cluster)")
+    g = p.add_argument_group("Ray cluster (see docs/ray.md)")
     g.add_argument(
         "--backend",
         default="optuna",

@@ -48,7 +48,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """What every trial does; the defaults are documented in the README."""
+    """What every trial does; the defaults are documented in docs/search.md."""
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     calibration: int = 256  # images for data-driven refinement

@@ -31,3 +31,37 @@ def test_python_api_example_runs(
     out = capsys.readouterr().out
     assert "125.5 M MACs ->" in out
     assert "\nTrue\n" in out
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", markdown, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_docs_links_resolve() -> None:
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links in code are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            assert dest.exists(), f"{page.name}: {target} does not exist"
+            if anchor:
+                assert anchor in _anchors(dest.read_text()), f"{page.name}: no heading for {target}"
+            checked += 1
+    assert checked >= 20  # the README and every docs page link to each other
+
+
+def test_docs_sizes_and_pages() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert len((REPO / "docs" / "results.md").read_text().splitlines()) <= 300
+    for page in ("method", "search", "latency", "ray", "export", "results"):
+        assert f"(docs/{page}.md)" in readme, page
