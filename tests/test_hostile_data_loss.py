@@ -18,8 +18,10 @@ from fga_search._cli import main
 from helpers import digits_trial, fake_run, rows
 
 PLAN = {"features.3": [8, 5], "features.6": [8, 2], "features.10": [8, 8], "features.13": [4, 3]}
-SEARCH = {"budget": 0.2, "epochs": 0, "quiet": True, "front_latency_runs": 0}
-CLI = ["--budget", "0.2", "--epochs", "0", "--front-latency-runs", "0", "--quiet"]
+# a small random-init model (helpers.py): no quickstart model to train first
+MODEL = "helpers:odd_pool_cnn"
+SEARCH = {"model": MODEL, "budget": 0.5, "epochs": 0, "quiet": True, "front_latency_runs": 0}
+CLI = ["--model", MODEL, "--budget", "0.5", "--epochs", "0", "--front-latency-runs", "0", "--quiet"]
 
 
 def _one_line_error(code: int, err: str, message: str) -> None:
@@ -73,7 +75,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_run(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished quickstart run of 3 trials without fine-tuning (each test copies it)."""
+    """A finished run of 3 trials without fine-tuning (each test copies it)."""
     out = tmp_path_factory.mktemp("runs") / "base"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(home))
@@ -261,7 +263,7 @@ def test_export_refuses_a_folder_that_holds_someone_elses_spec_json(
 
 @pytest.fixture(scope="module")
 def exported(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real export (model.pt, spec.json and model.onnx) of a finished quickstart run."""
+    """A real export (model.pt, spec.json and model.onnx) of a finished run."""
     run = tmp_path_factory.mktemp("export-run") / "run"
     out = tmp_path_factory.mktemp("exports") / "exported"
     with pytest.MonkeyPatch.context() as mp:
@@ -306,21 +308,23 @@ def test_export_over_an_earlier_export_replaces_only_its_own_files(
     assert new["files"]["model.pt"]["bytes"] == len((out / "model.pt").read_bytes())
     assert len(old_weights) > 0
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".fga-export")]  # no staging left
-    load_exported(out)
+    with pytest.raises(ValueError, match="trust_model_code=True"):  # a user model: the caller trusts it
+        load_exported(out)
+    load_exported(out, trust_model_code=True)
 
 
 # -- 4. loading an export runs no code that spec.json names ----------------------------------
 EVIL = """
 import pathlib
 
-from fga_search import build_model
+from helpers import odd_pool_cnn
 
 pathlib.Path(__file__).with_name("imported").write_text("imported")
 
 
 def factory(num_classes=10):
     pathlib.Path(__file__).with_name("called").write_text("called")
-    return build_model("digits_cnn", num_classes=num_classes)
+    return odd_pool_cnn(num_classes)
 """
 
 
@@ -336,7 +340,7 @@ def test_load_exported_imports_nothing_that_spec_json_names(
     monkeypatch.syspath_prepend(str(code_dir))
     monkeypatch.delitem(sys.modules, "evil", raising=False)
     spec = json.loads((out / "spec.json").read_text())
-    assert spec["model"]["name"] == "digits_cnn"
+    assert spec["model"]["name"] == MODEL
     spec["model"] = {
         "source": "zoo",
         "name": "evil:factory",
@@ -354,11 +358,9 @@ def test_load_exported_imports_nothing_that_spec_json_names(
     assert not (code_dir / "imported").exists() and not (code_dir / "called").exists()
     assert "evil" not in sys.modules
     # the caller's own factory: spec.json's name is not imported either
-    from fga_search import build_model
+    from helpers import odd_pool_cnn
 
-    model = load_exported(
-        out, model_factory=lambda num_classes: build_model("digits_cnn", num_classes=num_classes)
-    )
+    model = load_exported(out, model_factory=odd_pool_cnn)
     assert not (code_dir / "imported").exists() and "evil" not in sys.modules
     # opted in: the named factory is imported and called
     trusted = load_exported(out, trust_model_code=True)
