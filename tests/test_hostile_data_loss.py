@@ -91,7 +91,6 @@ def in_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # -- 2. a run folder's identity does not depend on where it lies ----------------------------
-@pytest.mark.slow
 def test_a_copied_run_resumes_its_own_study(base_run: Path, tmp_path: Path, in_home: Path) -> None:
     before = finished(base_run)
     original = _tree(base_run)
@@ -106,7 +105,6 @@ def test_a_copied_run_resumes_its_own_study(base_run: Path, tmp_path: Path, in_h
     assert _tree(base_run) == original  # the original is untouched
 
 
-@pytest.mark.slow
 def test_a_run_resumed_through_a_symlink_then_by_its_real_path_loses_nothing(
     base_run: Path, tmp_path: Path, in_home: Path
 ) -> None:
@@ -126,7 +124,6 @@ def test_a_run_resumed_through_a_symlink_then_by_its_real_path_loses_nothing(
     assert len(studies(real)) == 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("extra_study", [False, True])
 def test_a_run_whose_study_is_named_after_its_old_path_still_resumes(
     base_run: Path, tmp_path: Path, in_home: Path, extra_study: bool
@@ -184,7 +181,6 @@ def _damage(kind: str, study: Path) -> None:
         optuna.create_study(storage=f"sqlite:///{study}", study_name="fga-search:x", directions=["maximize"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -274,7 +270,6 @@ def exported(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_export_over_an_earlier_export_replaces_only_its_own_files(
     exported: Path, tmp_path: Path, in_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -328,7 +323,6 @@ def factory(num_classes=10):
 """
 
 
-@pytest.mark.slow
 def test_load_exported_imports_nothing_that_spec_json_names(
     exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
