@@ -181,8 +181,16 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--out", help="run folder (default runs/MODEL-DATASET-bBUDGET); an existing one is resumed"
     )
-    g.add_argument("--storage", help="Optuna RDB URL for the study (default: sqlite in the run folder)")
-    g.add_argument("--study-name", help="study name in --storage (default: derived from the run folder)")
+    g.add_argument(
+        "--storage",
+        help="Optuna RDB URL for the study (default: sqlite in the run folder). The study's name does "
+        "not depend on where the run folder lies, so copies of a run folder share the study in it",
+    )
+    g.add_argument(
+        "--study-name",
+        help="study name in the storage (default: the one run.json records, made from the run's "
+        "identity and a random run id when the run was created)",
+    )
     g.add_argument("--quiet", action="store_true", help="print only the final summary")
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,11 +96,47 @@ def _read_spec(folder: str) -> dict[str, Any]:
     return spec
 
 
-def _build(spec: dict[str, Any], weights: str, *, fold_batchnorm: bool = True) -> nn.Module:
-    from ._surgery import apply_plan_structure
-    from ._zoo import build_model
+def _base_model(
+    spec: dict[str, Any], *, model_factory: Callable[..., nn.Module] | None, trust_model_code: bool
+) -> nn.Module:
+    """The base architecture that spec.json names: built by ``model_factory`` if given, else from
+    the zoo or torchvision by name (their registries: nothing is imported from the name). A
+    ``module:factory`` name is imported and called only with ``trust_model_code``."""
+    from ._zoo import build_model, resolve_model
 
-    model = build_model(spec["model"]["name"], num_classes=int(spec["num_classes"]))
+    info = spec.get("model")
+    name = info.get("name") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"spec.json: model.name must be a model name, got {name!r}")
+    num_classes = spec.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"spec.json: num_classes must be a positive integer, got {num_classes!r}")
+    if model_factory is not None:
+        model = model_factory(num_classes=num_classes)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model_factory returned a {type(model).__name__}, not an nn.Module")
+        return model
+    source = resolve_model(name)  # where the name comes from; imports nothing the name names
+    if source.source == "factory" and not trust_model_code:
+        raise ValueError(
+            f"spec.json names the model {name!r}, a user factory that loading would import and call: "
+            "pass model_factory=<the function that builds it>, or trust_model_code=True if you trust "
+            "the code it names"
+        )
+    return build_model(source, num_classes=num_classes)
+
+
+def _build(
+    spec: dict[str, Any],
+    weights: str,
+    *,
+    fold_batchnorm: bool = True,
+    model_factory: Callable[..., nn.Module] | None = None,
+    trust_model_code: bool = False,
+) -> nn.Module:
+    from ._surgery import apply_plan_structure
+
+    model = _base_model(spec, model_factory=model_factory, trust_model_code=trust_model_code)
     apply_plan_structure(model, normalize_plan(spec["plan"]))
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -123,11 +159,21 @@ def _build(spec: dict[str, Any], weights: str, *, fold_batchnorm: bool = True) -
     return model.eval()
 
 
-def load_exported(path: str | os.PathLike[str], *, fold_batchnorm: bool = True) -> nn.Module:
+def load_exported(
+    path: str | os.PathLike[str],
+    *,
+    fold_batchnorm: bool = True,
+    model_factory: Callable[..., nn.Module] | None = None,
+    trust_model_code: bool = False,
+) -> nn.Module:
     """Rebuild an exported model (a folder written by :func:`export`, or its ``spec.json``).
 
-    The base architecture is built by name (zoo, torchvision or ``pkg.module:factory``), its
-    planned convs are replaced by FGA layers, and ``model.pt`` is loaded with ``weights_only=True``.
+    The base architecture is built by the name spec.json gives: a zoo or torchvision name from
+    their registries. Loading imports and calls nothing that spec.json names: a user model
+    (``pkg.module:factory``) is built by ``model_factory(num_classes=K)``, which the caller passes,
+    or, only with ``trust_model_code=True``, by importing and calling the factory spec.json names
+    (else ``ValueError``). Its planned convs are replaced by FGA layers, and ``model.pt`` is loaded
+    with ``weights_only=True`` (plain tensors: no pickled object is run).
     The FGA layers that the export measured faster on the CPU another way (the grouped conv as a
     block-diagonal dense conv, or the pair folded into one dense conv) run so on CPU inputs without
     gradients (``spec["cpu_execution"]``). The batch norms that the export measured faster
@@ -135,6 +181,10 @@ def load_exported(path: str | os.PathLike[str], *, fold_batchnorm: bool = True) 
     ``nn.Identity``), unless ``fold_batchnorm=False``: keep them to fine-tune the model further.
     Returns the module in eval mode, on the CPU.
     """
+    if not isinstance(trust_model_code, bool):
+        raise ValueError(f"trust_model_code must be True or False, got {trust_model_code!r}")
+    if model_factory is not None and not callable(model_factory):
+        raise ValueError(f"model_factory must be callable (factory(num_classes=K)), got {model_factory!r}")
     folder = os.fspath(path)
     if os.path.isfile(folder) and os.path.basename(folder) == "spec.json":
         folder = os.path.dirname(folder) or "."
@@ -144,7 +194,13 @@ def load_exported(path: str | os.PathLike[str], *, fold_batchnorm: bool = True) 
     weights = os.path.join(folder, "model.pt")
     if not os.path.isfile(weights):
         raise ValueError(f"{folder} has spec.json but no model.pt")
-    return _build(spec, weights, fold_batchnorm=fold_batchnorm)
+    return _build(
+        spec,
+        weights,
+        fold_batchnorm=fold_batchnorm,
+        model_factory=model_factory,
+        trust_model_code=trust_model_code,
+    )
 
 
 # -- checks at the boundary ------------------------------------------------------------------
@@ -192,6 +248,39 @@ def _nearest_existing(path: str) -> str:
     return parent
 
 
+_OWN_FILES = ("model.pt", "spec.json", *_FILES.values())  # every file an export writes
+
+
+def _earlier_export(target: str) -> dict[str, Any]:
+    """The spec.json of the export of ours that the non-empty folder ``target`` holds: a spec.json
+    in our format beside a model.pt, and no folder where an export writes a file. Anything else
+    is refused (``ValueError``): an export replaces only the files an earlier export wrote."""
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(
+            f"--out {target} exists, is not empty and holds no earlier export ({why}); "
+            "nothing was changed: choose a new or empty folder"
+        )
+
+    path = os.path.join(target, "spec.json")
+    if not os.path.isfile(path):
+        raise refuse("no spec.json")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise refuse("its spec.json cannot be read as JSON") from None
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise refuse(f"its spec.json is not an export spec of fga-search, format {SPEC_FORMAT!r}")
+    if not os.path.isfile(os.path.join(target, "model.pt")):
+        raise refuse("spec.json without a model.pt")
+    for name in _OWN_FILES:
+        p = os.path.join(target, name)
+        if os.path.lexists(p) and (os.path.isdir(p) or not os.path.isfile(p)):
+            raise refuse(f"{name} there is not a file")
+    return spec
+
+
 def _check_out(out: object) -> tuple[str, str]:
     """The export folder (absolute) and the existing folder above it to stage the files in."""
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
@@ -200,8 +289,8 @@ def _check_out(out: object) -> tuple[str, str]:
     if os.path.lexists(target):
         if not os.path.isdir(target):
             raise ValueError(f"--out {target} exists and is not a folder")
-        if os.listdir(target) and not os.path.isfile(os.path.join(target, "spec.json")):
-            raise ValueError(f"--out {target} exists, is not empty and holds no earlier export")
+        if os.listdir(target):
+            _earlier_export(target)
     anchor = _nearest_existing(os.path.dirname(target))
     if not os.path.isdir(anchor):
         raise ValueError(f"--out {target}: cannot create it, {anchor} is not a folder")
@@ -565,17 +654,27 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def _move_into_place(staging: str, target: str) -> None:
+def _move_into_place(staging: str, target: str, names: Sequence[str]) -> None:
+    """Put the export's files (``names``, in ``staging``) in ``target``. A new or empty folder:
+    the staging folder is renamed into place (all at once). An earlier export of ours: checked
+    again, then its files are replaced one by one (``os.replace``, spec.json last) and the files it
+    listed that this export does not write are removed; nothing else in the folder is touched."""
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    if os.path.isdir(target) and os.listdir(target):  # an earlier export: swap it out
-        old = tempfile.mkdtemp(prefix=".fga-export-old-", dir=parent)
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+    if not (os.path.isdir(target) and os.listdir(target)):
         os.replace(staging, target)  # also over an empty folder
+        return
+    old = _earlier_export(target)
+    files = old.get("files")
+    listed: dict[str, Any] = files if isinstance(files, dict) else {}
+    for name in names:
+        if name != "spec.json":
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+    for name in _FILES.values():  # the earlier export's files that this one does not write
+        path = os.path.join(target, name)
+        if name in listed and name not in names and os.path.isfile(path):
+            os.remove(path)
+    os.replace(os.path.join(staging, "spec.json"), os.path.join(target, "spec.json"))
 
 
 def _run_target(view: RunView, config: RunConfig) -> dict[str, Any]:
@@ -631,11 +730,14 @@ def export(
     an ETA) are reported on stderr.
 
     Needs the run's inputs (weights, data). ``ValueError`` on bad input; nothing is written then.
-    The export folder appears complete or not at all (an earlier export there is replaced).
+    A new (or empty) export folder appears complete or not at all. Over an earlier export (a
+    spec.json of ours beside its model.pt) only the files an export writes are replaced, one by one,
+    and nothing else in the folder is touched; any other non-empty folder is refused (``ValueError``).
     """
     from . import __version__
     from ._flops import measure_macs
     from ._setup import make_runner, prepare
+    from ._zoo import _factory as _zoo_factory
 
     chosen = _check_pick(pick)
     kinds = _check_formats(formats)
@@ -659,6 +761,8 @@ def export(
     setup = prepare(config, log=False, latency_floor_check=False, time_latency=False)
     _check_same_inputs(view, setup)
     runner = make_runner(setup)
+    # the run's own model, which prepare already built: reload the export with it, not by its name
+    own_factory = _zoo_factory(setup.spec) if setup.spec.source == "factory" else None
     try:
         staging = tempfile.mkdtemp(prefix=".fga-export-", dir=anchor)
     except OSError as exc:
@@ -701,7 +805,9 @@ def export(
         }
         spec_path = os.path.join(staging, "spec.json")
         _write_json(spec_path, spec)
-        loaded = load_exported(staging)  # the numbers below are measured on what a user loads
+        loaded = load_exported(
+            staging, model_factory=own_factory
+        )  # the numbers below are measured on what a user loads
         cpu_execution = None
         if latency_runs:
             # how each FGA layer runs on this CPU: measured, kept only where the whole model is faster
@@ -714,7 +820,7 @@ def export(
                 cpu_execution["executed_macs"] = executed
             spec["cpu_execution"] = cpu_execution
             _write_json(spec_path, spec)
-            loaded = load_exported(staging)
+            loaded = load_exported(staging, model_factory=own_factory)
             # then batch norms folded into the convs before them: kept only if measured faster
             bn_fold = _choose_bn_fold(
                 loaded, input_shape=setup.data.input_shape, target=cpu_target, runs=latency_runs
@@ -722,7 +828,7 @@ def export(
             if bn_fold is not None:
                 spec["bn_fold"] = bn_fold
                 _write_json(spec_path, spec)
-                loaded = load_exported(staging)
+                loaded = load_exported(staging, model_factory=own_factory)
         # the model's FLOPs: its FGA layers as grouped convs, however they run on a CPU
         grouped = with_cpu_execution(loaded, "grouped")
         macs = measure_macs(grouped, input_shape=setup.data.input_shape)
@@ -833,10 +939,10 @@ def export(
         )
         _write_json(spec_path, spec)
         os.chmod(staging, 0o755)
-        _move_into_place(staging, target)
+        names = ["model.pt", "spec.json", *(_FILES[k] for k in kinds)]
+        _move_into_place(staging, target, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    names = ["model.pt", "spec.json", *(_FILES[k] for k in kinds)]
     return ExportResult(
         out=target,
         trial=int(row["trial"]),

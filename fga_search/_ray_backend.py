@@ -60,7 +60,7 @@ from ._search import (
     update_latency_aim,
 )
 from ._setup import SearchSetup
-from ._study import count_finished, make_sampler, open_study, set_budget_constraint
+from ._study import count_finished, make_sampler, open_study, run_study_name, set_budget_constraint
 from ._trial import OverBudget, TrialRunner, TrialSettings
 from .latency import Target
 
@@ -466,6 +466,7 @@ class RaySearch:
         self.config = setup.config
         self.folder = folder
         self.runner = runner
+        self.study_name = run_study_name(folder, setup.config)
 
     # -- the searcher ---------------------------------------------------------------------
     def searcher(self, finished: int) -> Any:
@@ -476,7 +477,7 @@ class RaySearch:
         kind = "random" if c.strategy in ("random", "uniform", "error-alloc") else c.sampler
         sampler = make_sampler(kind, seed=c.seed, population=c.population, trials=c.trials)
         storage = optuna.storages.RDBStorage(c.storage or f"sqlite:///{self.folder.study_db}")
-        name = c.study_name or f"fga-search:{self.folder.path}"
+        name = self.study_name
         study = open_study(storage=storage, name=name, sampler=sampler, costs=len(c.costs))
         if not study.get_trials(deepcopy=False):  # a new run: the warm start, as the Optuna backend's
             enqueue_initial_plans(self.setup, study)
@@ -552,7 +553,7 @@ class RaySearch:
         c = self.config
         return open_study(
             storage=c.storage or f"sqlite:///{self.folder.study_db}",
-            name=c.study_name or f"fga-search:{self.folder.path}",
+            name=self.study_name,
             sampler=optuna.samplers.RandomSampler(),
             costs=len(c.costs),
         )

@@ -2,7 +2,9 @@
 
 ``run.json`` records the exact command, versions, the baseline and the run's *identity* (model,
 weights, data, budget, space, ...). Rerunning with the same ``--out`` resumes the run only if
-the identity matches.
+the identity matches. It also records the study's name (``_study.new_study_name``), which does not
+depend on the folder's path: a run folder moved, copied or reached through a symlink resumes its
+own study (with ``--storage``, copies share one study).
 """
 
 from __future__ import annotations

@@ -38,10 +38,13 @@ from ._runfolder import RunFolder
 from ._setup import Proposal, SearchSetup, make_runner, prepare
 from ._strategies import alloc_slack, error_alloc_plan, grow_ranks, mutate_weights, strategy_plans
 from ._study import (
+    check_resumable,
     count_finished,
     make_sampler,
+    new_study_name,
     open_study,
     recover_interrupted,
+    run_study_name,
     set_budget_constraint,
     trial_row,
 )
@@ -383,12 +386,13 @@ class _OptunaSearch:
         self.config = setup.config
         self.folder = folder
         self.runner = runner
+        self.study_name = run_study_name(folder, setup.config)
 
     # -- storage -------------------------------------------------------------------------
     def open(self) -> optuna.Study:
         c = self.config
         storage = c.storage or f"sqlite:///{self.folder.study_db}"
-        name = c.study_name or f"fga-search:{self.folder.path}"
+        name = self.study_name
         probe = open_study(
             storage=storage, name=name, sampler=optuna.samplers.RandomSampler(), costs=len(c.costs)
         )
@@ -695,6 +699,8 @@ def create_run(setup: SearchSetup, folder: RunFolder, runner: TrialRunner) -> No
             "command": sys.argv,
             "config": config.to_dict(),
             "identity": setup.identity(),
+            # the study's name, which does not depend on where the folder lies (see new_study_name)
+            "study_name": config.study_name or new_study_name(setup.identity()),
             "versions": setup.versions(),
             "baseline": baseline,
             "model": setup.spec.to_dict(),
@@ -742,6 +748,8 @@ def run_search(config: RunConfig) -> SearchResult:
     """Prepare (checking every input before writing anything), then run or resume the search."""
     folder = RunFolder(config.out)
     folder.check_writable()
+    if folder.exists():  # before anything is written: a study that lost finished trials is refused
+        check_resumable(folder, config)
     setup = prepare(config, log=not config.quiet, latency_floor_check=not folder.exists())
     resuming = folder.check_new_or_matching(setup.identity())
     with _locked(folder):

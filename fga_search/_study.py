@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import sqlite3
 import threading
-from collections.abc import Sequence
-from typing import Any, Literal
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+if TYPE_CHECKING:
+    from ._config import RunConfig
+    from ._runfolder import RunFolder
+
 __all__ = [
+    "check_resumable",
     "constraints",
     "count_finished",
     "make_sampler",
+    "new_study_name",
     "open_study",
     "recover_interrupted",
+    "run_study_name",
     "set_budget_constraint",
     "trial_row",
 ]
@@ -148,3 +160,140 @@ def trial_row(t: FrozenTrial) -> dict[str, Any]:
         datetime_complete=t.datetime_complete.isoformat() if t.datetime_complete else None,
     )
     return row
+
+
+# -- which study is the run's ----------------------------------------------------------------
+def new_study_name(identity: Mapping[str, Any]) -> str:
+    """A new run's study name: a digest of its identity and a random run id, recorded in run.json
+    at creation. Nothing in it depends on where the run folder lies, so a run folder that is moved,
+    copied or reached through a symlink opens the same study. (A copy with its own study.db goes on
+    with its own copy of the study; copies of a run whose study is in a shared ``--storage`` share
+    that study.)"""
+    digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True, default=str).encode()).hexdigest()
+    return f"fga-search:{digest[:16]}:{uuid.uuid4().hex}"
+
+
+def _legacy_name(folder: RunFolder) -> str:
+    """The name runs created before run.json recorded their study gave it: the folder's path."""
+    return f"fga-search:{folder.path}"
+
+
+def _unreadable(folder: RunFolder, why: str) -> ValueError:
+    return ValueError(
+        f"run folder {folder.path}: study.db {why}; nothing was changed. Restore study.db from a "
+        "backup, or start a new run with another --out"
+    )
+
+
+def _sqlite_trials(folder: RunFolder) -> dict[str, list[tuple[int, str]]]:
+    """Each study's trials (number, state) in the run folder's study.db, read without writing
+    (sqlite read-only): {} for no file or an empty one. ``ValueError`` if it is no SQLite
+    database, or a damaged one."""
+    path = folder.study_db
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return {}
+    try:
+        with open(path, "rb"):  # an unreadable file: one line, not sqlite's "unable to open"
+            pass
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            check = db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise _unreadable(folder, f"is damaged (sqlite integrity check: {check[0][0]})")
+            tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return {}
+            if not {"studies", "trials"} <= tables:
+                raise _unreadable(folder, "is an SQLite database but not an Optuna study")
+            studies: dict[str, list[tuple[int, str]]] = {
+                name: [] for (name,) in db.execute("SELECT study_name FROM studies")
+            }
+            query = "SELECT s.study_name, t.number, t.state FROM trials t JOIN studies s USING (study_id)"
+            for name, number, state in db.execute(query):
+                studies[name].append((int(number), str(state)))
+            return studies
+        finally:
+            db.close()
+    except OSError as exc:
+        raise _unreadable(folder, f"cannot be read ({exc.strerror or exc})") from None
+    except sqlite3.Error as exc:
+        raise _unreadable(folder, f"is not a readable Optuna study ({exc})") from None
+
+
+def run_study_name(folder: RunFolder, config: RunConfig) -> str:
+    """The run's study name: ``--study-name``, else the one run.json records (``new_study_name``),
+    else (a run created before run.json recorded it) the only study in the run's own study.db, or
+    the study named after the folder's path as those runs named it."""
+    if config.study_name:
+        return config.study_name
+    record = folder.read() if folder.exists() else {}
+    recorded = record.get("study_name")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    legacy = _legacy_name(folder)
+    if config.storage is not None:
+        return legacy
+    names = sorted(_sqlite_trials(folder))
+    if len(names) == 1:
+        return names[0]
+    if not names or legacy in names:
+        return legacy
+    raise ValueError(
+        f"run folder {folder.path}: study.db holds {len(names)} studies ({', '.join(names)}) and "
+        "run.json does not say which is this run's; pass it as --study-name"
+    )
+
+
+def _recorded_numbers(folder: RunFolder) -> list[int]:
+    """The trials trials.parquet records as finished (COMPLETE, or FAIL but not interrupted)."""
+    from ._records import read_table
+
+    if not os.path.isfile(folder.trials_parquet):
+        return []
+    try:
+        rows = read_table(folder.trials_parquet).to_pylist()
+    except (OSError, ValueError):
+        return []
+    return sorted(
+        int(r["trial"])
+        for r in rows
+        if r.get("state") == "COMPLETE" or (r.get("state") == "FAIL" and r.get("status") != "interrupted")
+    )
+
+
+def check_resumable(folder: RunFolder, config: RunConfig) -> str:
+    """Before a run folder is resumed (and before anything is written to it): its study must be
+    readable and hold every trial trials.parquet records as finished, else ``ValueError`` (an
+    emptied, truncated or replaced study.db would start the search over and overwrite
+    trials.parquet). Returns the run's study name (``run_study_name``)."""
+    name = run_study_name(folder, config)
+    recorded = _recorded_numbers(folder)
+    if config.storage is None:
+        studies = _sqlite_trials(folder)
+        held = {number for number, _ in studies.get(name, [])}
+        where = "study.db"
+    else:
+        try:
+            storage = optuna.storages.get_storage(config.storage)
+            study_id = storage.get_study_id_from_name(name)
+        except KeyError:
+            held = set()
+        except Exception as exc:
+            raise ValueError(f"cannot open the Optuna storage {config.storage!r}: {exc}") from None
+        else:
+            held = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
+        where = f"the study {name!r} in --storage"
+    missing = [n for n in recorded if n not in held]
+    if missing:
+        what = "is empty" if not held else f"lacks {len(missing)} of them (e.g. trial {missing[0]})"
+        if config.storage is None:
+            raise _unreadable(
+                folder,
+                f"does not hold the run's study: trials.parquet records {len(recorded)} finished "
+                f"trial(s) and the study {what}",
+            )
+        raise ValueError(
+            f"run folder {folder.path}: trials.parquet records {len(recorded)} finished trial(s) and "
+            f"{where} {what}; nothing was changed (check --storage and --study-name)"
+        )
+    return name

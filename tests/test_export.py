@@ -687,7 +687,11 @@ def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
     assert code == 0, capfd.readouterr().err
     assert sorted(os.listdir(out)) == ["model.pt", "model.torchscript.pt", "spec.json"]
     x = torch.randn(3, 1, 8, 8)
-    torch.testing.assert_close(load_exported(out)(x), torch.jit.load(str(out / "model.torchscript.pt"))(x))
+    # a user factory: imported and called only when the caller trusts it (or passes it)
+    with pytest.raises(ValueError, match="trust_model_code=True"):
+        load_exported(out)
+    loaded = load_exported(out, trust_model_code=True)
+    torch.testing.assert_close(loaded(x), torch.jit.load(str(out / "model.torchscript.pt"))(x))
 
 
 def test_onnx_export_of_an_average_pool_to_a_size_that_does_not_divide(
@@ -708,7 +712,7 @@ def test_onnx_export_of_an_average_pool_to_a_size_that_does_not_divide(
     x = torch.randn(5, 1, 8, 8)
     (got,) = session.run(["logits"], {"input": x.numpy()})
     with torch.no_grad():
-        expected = load_exported(out)(x)
+        expected = load_exported(out, trust_model_code=True)(x)  # a user factory: the caller trusts it
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ def test_a_latency_search_aims_its_repair_by_the_measured_bias(
     for r in later:  # repaired to the aim (the optimistic table reaches any aim)
         assert r["latency_estimate_ratio"] <= r["latency_aim"] + 1e-9
 
-    study = optuna.load_study(study_name=f"fga-search:{run.resolve()}", storage=f"sqlite:///{run}/study.db")
+    name = json.loads((run / "run.json").read_text())["study_name"]  # recorded at creation
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{run}/study.db")
     for t in study.get_trials(deepcopy=False):
         r = next(row for row in trials if row["trial"] == t.number)
         if r["within_budget"]:

@@ -69,7 +69,8 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path) -> None:
     assert interrupted["state"] == "FAIL" and interrupted["status"] == "interrupted"
     requeued = [r for r in after if r["requeued_from"] == running[0]]
     assert len(requeued) == 1 and requeued[0]["state"] == "COMPLETE"
-    study = optuna.load_study(study_name=f"fga-search:{run}", storage=f"sqlite:///{run / 'study.db'}")
+    name = json.loads((run / "run.json").read_text())["study_name"]  # recorded at creation
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{run / 'study.db'}")
     by_number = {t.number: t for t in study.trials}
     assert by_number[requeued[0]["trial"]].params == by_number[running[0]].params
     assert requeued[0]["seed"] == interrupted["seed"]  # the re-run repeats the interrupted trial exactly
