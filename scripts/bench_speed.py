@@ -374,7 +374,13 @@ def gpu(args: argparse.Namespace) -> None:
             f"(original {ms['original']:.3f} ms per batch of {args.target_batch}); fastest front member's ratio {fastest}"
         )
     else:
-        print(f"  no trial within the latency budget {args.gpu_latency_budget} in {result.finished} trials")
+        measured = ", ".join(
+            f"{r.get('status')} {r.get('latency_ratio') or float('nan'):.3f}" for r in rows(out_dir)
+        )
+        print(
+            f"  no trial within the latency budget {args.gpu_latency_budget} in {result.finished} trials "
+            f"(status and measured latency ratio of each: {measured})"
+        )
     if args.skip_compile:
         print("4. torch.compile: skipped (--skip-compile)")
         return

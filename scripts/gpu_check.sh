@@ -65,8 +65,8 @@ if [ "$DRY" = 1 ]; then
     export FGA_SHARED_DIR="${FGA_SHARED_DIR:-$(cd .. && pwd)/shared}" XDG_CACHE_HOME="$WORK/cache"
     export PYTHONPATH="$PWD:$PWD/scripts"
     DEV=cpu
-    SPEED_ARGS=(--device cpu --limit 512 --batch 64 --target-batch 2 --plain-steps 2 --gpu-trials 2 --skip-compile)
-    QUALITY_ARGS=(--epochs 0.1 --final-epochs 0.1 --final-batch 128 --final-lr 0.05 --limit 256 --threads 2)
+    SPEED_ARGS=(--device cpu --limit 64 --batch 32 --target-batch 1 --plain-steps 2 --gpu-trials 2 --skip-compile)
+    QUALITY_ARGS=(--epochs 0.1 --final-epochs 0.1 --final-batch 128 --final-lr 0.05 --limit 128 --threads 2)
     echo "dry run on the CPU: figures are not measurements" | tee "$OUT/gpu.txt"
 else
     WORK=/tmp
@@ -83,7 +83,10 @@ else
     QUALITY_ARGS=(--epochs 1 --final-epochs 15 --final-batch 128 --final-lr 0.05 --threads 16)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
-mkdir -p "$WORK/cifar10" && tar xzf "$FGA_SHARED_DIR/data/cifar10-jpeg.tar.gz" -C "$WORK/cifar10" || exit 1
+# the dry run decodes a toy subset: 50 training and 20 test images per class
+SUBSET=()
+[ "$DRY" = 1 ] && SUBSET=(--wildcards 'train/*/00[0-4]?.jpg' 'test/*/00[01]?.jpg')
+mkdir -p "$WORK/cifar10" && tar xzf "$FGA_SHARED_DIR/data/cifar10-jpeg.tar.gz" -C "$WORK/cifar10" ${SUBSET[@]+"${SUBSET[@]}"} || exit 1
 "$PY" -c "import torch, optuna; print('torch', torch.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/gpu.txt"
 
 # time limits: the GPU call's; a dry run checks code paths at toy sizes on a CPU, whose speed here
