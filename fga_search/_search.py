@@ -327,7 +327,7 @@ def _locked(folder: RunFolder) -> Iterator[None]:
             os.mkdir(path)
         except FileExistsError:  # another process made it in between: not ours
             made.remove(path)
-    with open(folder.file(".lock"), "w") as handle:
+    with open(folder.file(".lock"), "a") as handle:  # "a": a lock held by another is left untouched
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -694,3 +694,46 @@ def test_a_read_only_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         refused([*FAST, "--out", str(ro / "run")], capsys, tmp_path, "cannot write in")
         refused(["report", str(run), "--out", str(ro / "rep")], capsys, tmp_path, "cannot write in")
         refused(["export", str(run), "--out", str(ro / "exp")], capsys, tmp_path)
+
+
+spec_fields = st.fixed_dictionaries(
+    {"format": st.just("fga-search-export/1")},
+    optional={
+        "model": st.one_of(
+            json_values, st.fixed_dictionaries({"name": st.sampled_from(["digits_cnn", "", "nope"])})
+        ),
+        "num_classes": st.one_of(st.integers(-3, 2**70), json_values),
+        "plan": st.one_of(json_values, st.just({}), st.just(PLAN)),
+        "bn_fold": st.one_of(
+            json_values, st.fixed_dictionaries({"kept": st.booleans(), "pairs": json_values})
+        ),
+        "cpu_execution": st.one_of(json_values, st.fixed_dictionaries({"layers": json_values})),
+    },
+)
+
+
+@HYPOTHESIS
+@given(spec=spec_fields | json_values)
+def test_spec_json(tmp_path: Path, spec: object) -> None:
+    from fga_search import load_exported
+
+    folder = tmp_path / "exported"
+    folder.mkdir(exist_ok=True)
+    torch.save({}, folder / "model.pt")
+    (folder / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(Exception) as exc:  # an empty model.pt never fits
+        load_exported(folder)
+    _one_line_value_error(exc.value)
+
+
+def test_a_second_process_on_a_run_folder_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first process made the folder and holds its lock: the second is refused and removes
+    nothing of it (it did not make the folder)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused([*FAST, "--out", str(run)], capsys, tmp_path, "is in use by another fga-search process")
+    assert (run / ".lock").is_file()
