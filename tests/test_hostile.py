@@ -303,6 +303,7 @@ def test_full_disk_while_writing_run_json(tmp_path: Path, capsys: pytest.Capture
         assert not (disk / "run").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_search_then_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -332,6 +333,7 @@ def test_full_disk_during_a_search_then_resume(
 
 
 # -- item 8: refused input writes nothing and does not block the corrected rerun ---------------
+@pytest.mark.slow
 def test_refused_seed_writes_nothing_and_the_corrected_rerun_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -343,6 +345,7 @@ def test_refused_seed_writes_nothing_and_the_corrected_rerun_runs(
     assert json.loads((run / "run.json").read_text())["identity"]["seed"] == 0
 
 
+@pytest.mark.slow
 def test_fixed_storage_is_the_one_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     refused([*FAST, "--storage", "bogus://x", "--out", str(run)], capsys, tmp_path)
@@ -409,6 +412,7 @@ def test_nan_and_huge_numbers(
 
 
 # -- item 10: a space file edited in place ------------------------------------------------------
+@pytest.mark.slow
 def test_space_edited_in_place_is_refused_on_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -467,6 +471,7 @@ def test_empty_out(
 
 
 # -- a subprocess: what a user sees, warnings included -----------------------------------------
+@pytest.mark.slow
 def test_as_a_user_runs_it(tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
     weights.write_bytes(os.urandom(1000))
