@@ -20,9 +20,11 @@ def _limits(path: str) -> tuple[int, int]:
         return 255, 4096
 
 
-def check_out_path(out: str, *, option: str = "--out") -> None:
+def check_out_path(out: str | os.PathLike[str], *, option: str = "--out") -> None:
     """Refuse an output path that no file system can create: empty, with a NUL byte, a name in
     it longer than the file system allows, or too long as a whole (``ValueError``)."""
+    if isinstance(out, os.PathLike):
+        out = os.fspath(out)
     if not isinstance(out, str) or not out.strip():
         raise ValueError(f"{option} must be a folder path, got {out!r}")
     if "\0" in out:
