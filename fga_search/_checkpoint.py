@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import first_line
+from ._errors import first_line, shorten
 
 __all__ = ["WeightsError", "cpu_state_dict", "load_state_dict_file", "load_weights"]
 
@@ -42,6 +43,16 @@ def _strip_prefix(key: str) -> str:
     return key[7:] if key.startswith("module.") else key
 
 
+def _reason(exc: Exception) -> str:
+    """Why torch could not read a file, without torch's advice to load it with
+    ``weights_only=False``: that would run code from the file, which fga-search never does."""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return "it holds objects other than tensors, or is not a PyTorch file"
+    if isinstance(exc, (zipfile.BadZipFile, RuntimeError)):
+        return "not a readable PyTorch archive: " + shorten(first_line(exc).split(". ")[0], 120)
+    return f"not a PyTorch file ({type(exc).__name__} while reading it)"
+
+
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a state_dict of tensors with ``torch.load(weights_only=True)``.
 
@@ -52,11 +63,14 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = first_line(exc)
+        with warnings.catch_warnings():  # e.g. on a pickle protocol: the one line below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as exc:  # torch's reader fails on random bytes with any error (IndexError, KeyError, ...)
         raise WeightsError(
-            f"cannot read weights file {path} (corrupt, or not a weights-only checkpoint): {first}"
+            f"cannot read weights file {path} (corrupt, or not a weights-only checkpoint): {_reason(exc)}"
         ) from None
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:

@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from ._errors import first_line
+from ._errors import first_line, os_error_line
+from ._paths import check_out_path
 
 __all__ = ["main"]
 
@@ -277,6 +278,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
 def _report(args: argparse.Namespace) -> int:
     from ._report import write_report
 
+    if args.out is not None:
+        check_out_path(args.out)
+
     html_path, md_path = write_report(args.run_dir, out=args.out)
     print(f"report: {html_path}")
     print(f"        {md_path}")
@@ -321,6 +325,7 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from ._export import ExportVerificationError, export
 
+    check_out_path(args.out)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     try:
         result = export(
@@ -434,6 +439,8 @@ def _search(args: argparse.Namespace) -> int:
     from ._config import RunConfig
     from ._search import run_search
 
+    if args.out is not None:
+        check_out_path(args.out)  # an empty --out is refused, not replaced by the default
     model_name = args.model or "digits_cnn"
     out = args.out or os.path.join(
         "runs", f"{model_name.replace(':', '_').replace('.', '_')}-{args.dataset}-b{args.budget:g}"
@@ -479,7 +486,13 @@ def _search(args: argparse.Namespace) -> int:
         )
     if result.best is not None:
         ckpt = os.path.join(result.run_dir, "models", f"trial_{result.best['trial']:05d}.pt")
-        print(f"best model: trial {result.best['trial']}, weights {ckpt}")
+        if os.path.isfile(ckpt):
+            print(f"best model: trial {result.best['trial']}, weights {ckpt}")
+        else:  # its checkpoint was not kept (e.g. a full disk): the export re-runs it
+            print(
+                f"best model: trial {result.best['trial']} (no checkpoint kept; "
+                "'fga-search export' re-runs it from its plan and seed)"
+            )
     else:
         print("no finished trial within the budget yet")
     return 0
@@ -498,9 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fga-search: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        message = first_line(exc)
-        print(f"fga-search: error: {message}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"fga-search: error: {first_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system's refusal (a full disk, a read-only folder, ...)
+        print(f"fga-search: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from ._paths import check_out_path
+from ._storage import check_storage_url
+
 if TYPE_CHECKING:
     from .latency import Target
 
@@ -16,6 +19,12 @@ BUDGET_METRICS = ("flops", "params", "latency")
 OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
 MEMORY_FORMATS = (None, "nchw", "channels_last")
+MAX_SEED = 2**31 - 1  # the samplers seed numpy, which takes seeds below 2**32; a run adds to its seed
+
+
+def _number(value: object) -> bool:
+    """A finite real number (not a bool, not NaN, not an infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def needs_latency(objective: str, budget_metric: str) -> bool:
@@ -118,18 +127,25 @@ class RunConfig:
             bad("front_latency_runs", self.front_latency_runs, "must be 0 (skip) or an integer >= 10")
         if self.trials < 1:
             bad("trials", self.trials, "must be >= 1")
-        if not (math.isfinite(self.epochs) and self.epochs >= 0):
+        if not (_number(self.epochs) and self.epochs >= 0):
             bad("epochs", self.epochs, "must be a number >= 0")
         if self.sampler not in SAMPLERS:
             bad("sampler", self.sampler, f"must be one of {', '.join(SAMPLERS)}")
         if self.population is not None and self.population < 2:
             bad("population", self.population, "must be >= 2")
-        if self.timeout is not None and self.timeout <= 0:
-            bad("timeout", self.timeout, "must be > 0 seconds")
+        if self.timeout is not None and not (_number(self.timeout) and self.timeout > 0):
+            bad("timeout", self.timeout, "must be a number of seconds > 0")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "must be >= 1")
-        if self.lr <= 0:
-            bad("lr", self.lr, "must be > 0")
+        if not (_number(self.lr) and self.lr > 0):
+            bad("lr", self.lr, "must be a number > 0")
+        if not (_number(self.device_data_gb) and self.device_data_gb >= 0):
+            bad("device_data_gb", self.device_data_gb, "must be a number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            bad("seed", self.seed, f"must be an integer in [0, {MAX_SEED}]")
+        check_out_path(self.out)
+        if self.storage is not None:
+            check_storage_url(self.storage)
         if self.workers < 0:
             bad("workers", self.workers, "must be >= 0")
         if not 0 < self.val_fraction < 1:

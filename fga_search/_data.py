@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
+
+from ._atomic import atomic_write
+from ._errors import first_line, shorten
 
 __all__ = [
     "DATASETS",
@@ -30,6 +35,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+_CACHE_FORMAT = 2  # the decoded-dataset cache's layout and key; older entries are not read
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -154,20 +160,36 @@ def _list_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
         raise ValueError(f"{root} has no class folders")
     files = []
     for i, cls in enumerate(classes):
-        for dirpath, _, names in os.walk(os.path.join(root, cls)):
-            files += [
+        found = []
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+            found += [
                 (os.path.join(dirpath, n), i) for n in sorted(names) if n.lower().endswith(_IMAGE_EXTENSIONS)
             ]
-    if not files:
-        raise ValueError(f"{root} has no image files")
+        if not found:
+            raise ValueError(f"class folder {os.path.join(root, cls)} has no image files")
+        files += found
+    if len(classes) < 2:  # a classifier of one class is always right: nothing to search for
+        raise ValueError(f"{root} has one class folder ({classes[0]!r}); a classifier needs at least 2")
     return classes, files
 
 
-def _decode(path: str, channels: int, image_size: int | None) -> np.ndarray:
-    from PIL import Image
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
+
+def _decode(path: str, image_size: int | None) -> np.ndarray:
+    """An image file as uint8 (C, H, W): 1 channel for a grayscale file, else 3 (RGB). Any
+    failure to read it (a corrupt file, a decompression bomb) is a ``ValueError`` naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode_image(path, image_size)
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {shorten(first_line(exc), 160)}") from None
+
+
+def _decode_image(path: str, image_size: int | None) -> np.ndarray:
     with Image.open(path) as source:
-        img = source.convert("L" if channels == 1 else "RGB")
+        img = source.convert("L" if source.mode in _GRAY_MODES else "RGB")
         if image_size is not None and img.size != (image_size, image_size):
             w, h = img.size
             scale = image_size / min(w, h)
@@ -185,16 +207,14 @@ def _decode(path: str, channels: int, image_size: int | None) -> np.ndarray:
 def _load_folder(root: str, image_size: int | None, max_bytes: int, workers: int) -> tuple[list[str], Split]:
     classes, files = _list_folder(root)
     stats = [os.stat(p) for p, _ in files]
+    # every file with its class, size and time: moving an image to another class changes the key
+    listing = hashlib.sha256()
+    for (path, label), st in zip(files, stats):
+        listing.update(
+            repr((os.path.relpath(path, root), classes[label], st.st_size, st.st_mtime_ns)).encode()
+        )
     key = hashlib.sha256(
-        repr(
-            (
-                os.path.abspath(root),
-                len(files),
-                sum(s.st_size for s in stats),
-                max(s.st_mtime_ns for s in stats),
-                image_size,
-            )
-        ).encode()
+        repr((_CACHE_FORMAT, os.path.abspath(root), listing.hexdigest(), image_size)).encode()
     ).hexdigest()[:24]
     cache = os.path.join(cache_dir(), "datasets", f"{key}.pt")
     if os.path.isfile(cache):
@@ -203,27 +223,31 @@ def _load_folder(root: str, image_size: int | None, max_bytes: int, workers: int
             return list(blob["classes"]), Split(blob["images"], blob["labels"])
         except Exception:  # a broken cache entry is rebuilt
             pass
-    from PIL import Image
-
-    with Image.open(files[0][0]) as first:
-        channels = 1 if first.mode in ("L", "1", "I;16") else 3
-        size = first.size
-    estimate = len(files) * channels * (image_size or max(size)) ** 2
+    try:
+        with Image.open(files[0][0]) as first:
+            size = first.size
+    except Exception as exc:
+        raise ValueError(f"cannot read image {files[0][0]}: {shorten(first_line(exc), 160)}") from None
+    estimate = len(files) * 3 * (image_size or max(size)) ** 2
     if estimate > max_bytes:
         raise ValueError(
             f"{root}: {len(files)} images need about {estimate / 2**30:.1f} GiB in memory; pass a smaller --image-size"
         )
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(lambda f: _decode(f[0], channels, image_size), files, chunksize=256))
+        arrays = list(pool.map(lambda f: _decode(f[0], image_size), files, chunksize=256))
+    if any(a.shape[0] == 3 for a in arrays):  # grayscale files among colour ones: as RGB
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"{root}: images have different sizes {sorted(shapes)[:3]}; pass --image-size")
     images = torch.from_numpy(np.stack(arrays))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    torch.save({"classes": classes, "images": images, "labels": labels}, tmp)
-    os.replace(tmp, cache)
+    blob = {"classes": classes, "images": images, "labels": labels}
+    try:
+        atomic_write(cache, lambda tmp: torch.save(blob, tmp))
+    except OSError:  # a cache that cannot be written (a full disk) is only a cache
+        pass
     return classes, Split(images, labels)
 
 
@@ -286,6 +310,14 @@ def load_dataset(
         classes, train, test = _imagefolder(data_dir, image_size, max_bytes, workers)
         flip, pad = True, max(1, train.images.shape[-1] // 8)
     rest, held = stratified_split(train.labels, val_fraction, seed=seed)
+    if len(held) == 0 or len(rest) == 0:
+        raise ValueError(
+            f"--val-fraction {val_fraction:g} of the {len(train)} training images of dataset {name!r} leaves "
+            f"{len(held)} for validation and {len(rest)} for training; both need images "
+            "(more images, or another --val-fraction)"
+        )
+    if len(test) == 0:
+        raise ValueError(f"dataset {name!r} has no test images")
     bundle = DataBundle(
         name=name,
         classes=classes,

@@ -32,7 +32,7 @@ from torch import nn
 from ._bn_fold import conv_bn_pairs, fold_batchnorms, folded_copy
 from ._checkpoint import cpu_state_dict
 from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
-from ._errors import first_line
+from ._errors import first_line, shorten
 from ._fga import with_cpu_execution
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency, write_onnx
@@ -93,7 +93,33 @@ def _read_spec(folder: str) -> dict[str, Any]:
         raise ValueError(f"cannot read {path}: {exc}") from None
     if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
         raise ValueError(f"{path} is not an fga-search export spec (format {SPEC_FORMAT!r})")
+    _check_spec_fields(spec, path)
     return spec
+
+
+def _check_spec_fields(spec: dict[str, Any], path: str) -> None:
+    """The fields a model is rebuilt from, each of its type (``ValueError`` naming the field)."""
+
+    def bad(field: str, why: str, value: object) -> ValueError:
+        return ValueError(f"{path}: {field} {why}, got {shorten(repr(value), 80)}")
+
+    model = spec.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not model["name"]:
+        raise bad("model", "must be a mapping with a model 'name'", model)
+    classes = spec.get("num_classes")
+    if not (isinstance(classes, int) and _is_int(classes) and 1 <= classes <= 1_000_000):
+        raise bad("num_classes", "must be an integer in [1, 1000000]", classes)
+    if not isinstance(spec.get("plan"), dict):
+        raise bad("plan", "must be a mapping of layer names to choices", spec.get("plan"))
+    for field in ("bn_fold", "cpu_execution"):
+        value = spec.get(field)
+        if value is not None and not isinstance(value, dict):
+            raise bad(field, "must be a mapping", value)
+    layers = (spec.get("cpu_execution") or {}).get("layers")
+    if layers is not None and not (
+        isinstance(layers, dict) and all(isinstance(v, str) for v in layers.values())
+    ):
+        raise bad("cpu_execution.layers", "must map layer names to executions", layers)
 
 
 def _base_model(

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ._atomic import atomic_write
 from ._checkpoint import load_state_dict_file
 from ._data import DataBundle, cache_dir
 from ._finetune import FinetuneConfig, finetune
@@ -39,7 +40,6 @@ def quickstart_weights(data: DataBundle, *, log: bool = True) -> str:
     train = DeviceSplit(data.train, device="cpu", normalization=DIGITS)
     finetune(model, train, config=_RECIPE, crop_pad=data.crop_pad, seed=0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    state = model.state_dict()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ._atomic import atomic_write
 
 __all__ = ["TRIAL_SCHEMA", "read_table", "rows_to_table", "write_parquet"]
 
@@ -75,9 +76,7 @@ def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema = TRIAL_S
 
 def write_parquet(table: pa.Table, path: str) -> None:
     """Write atomically: a reader never sees a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_table(path: str) -> pa.Table:

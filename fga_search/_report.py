@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from ._atomic import atomic_write_bytes
 from ._pareto import hypervolume
 from ._plan import KEEP, load_plan
 from ._runview import RunView, is_usable, read_run
@@ -762,14 +763,7 @@ def _build(view: RunView) -> tuple[_Doc, str, str, str]:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_bytes(path, data)
 
 
 def _check_out(out: str) -> str:

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any
 
+from ._atomic import atomic_write_json
+
 __all__ = ["RunFolder", "file_digest"]
 
 IDENTITY_KEYS = (
@@ -33,7 +35,10 @@ IDENTITY_KEYS = (
     "image_size",
     "backend",
     "weights_sha256",
+    "space_sha256",
 )
+# keys added after runs were recorded without them: compared only where the run has one
+ADDED_KEYS = ("space_sha256",)
 
 
 def file_digest(path: str) -> str:
@@ -93,7 +98,14 @@ class RunFolder:
         if self.exists():
             old = self.read()["identity"]
             for key in IDENTITY_KEYS:
+                if key in ADDED_KEYS and key not in old:
+                    continue
                 if old.get(key) != identity.get(key):
+                    if key == "space_sha256":
+                        raise ValueError(
+                            f"run folder {self.path} was searched with another content of space "
+                            f"{identity.get('space')} (it was edited since); restore it or use another --out"
+                        )
                     raise ValueError(
                         f"run folder {self.path} was created with {key}={old.get(key)!r}, not {identity.get(key)!r}; "
                         "use another --out"
@@ -113,12 +125,7 @@ class RunFolder:
             raise ValueError(f"--out {self.path}: cannot write in {parent}")
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        path = self.file(name)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write_json(self.file(name), data)
 
     def read_json(self, name: str, default: Any = None) -> Any:
         try:

@@ -12,6 +12,7 @@ import copy
 import fcntl
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ import pyarrow as pa
 import torch
 from optuna.trial import TrialState
 
+from ._atomic import atomic_write
 from ._baseline_cache import BaselineCache, accuracy_key
 from ._checkpoint import cpu_state_dict
 from ._config import RunConfig
@@ -36,6 +38,7 @@ from ._progress import Progress
 from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import Proposal, SearchSetup, make_runner, prepare
+from ._storage import open_storage, redact_command, redact_url
 from ._strategies import alloc_slack, error_alloc_plan, grow_ranks, mutate_weights, strategy_plans
 from ._study import (
     check_resumable,
@@ -315,13 +318,34 @@ def front_rows(rows: list[dict[str, Any]], *, costs: list[str] | None = None) ->
 
 @contextmanager
 def _locked(folder: RunFolder) -> Iterator[None]:
-    os.makedirs(folder.path, exist_ok=True)
-    with open(folder.file(".lock"), "w") as handle:
+    """Hold the run folder's lock; a folder this process creates is removed again (with the
+    parents it created, where empty) if the run fails before its run.json is written."""
+    made = []  # the folders this process creates: the run folder first, then its parents
+    missing = folder.path
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    for path in reversed(made):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # another process made it in between: not ours
+            made.remove(path)
+    with open(folder.file(".lock"), "a") as handle:  # "a": a lock held by another is left untouched
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"run folder {folder.path} is in use by another fga-search process") from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if folder.path in made and not folder.exists():  # nothing of a run was kept
+                shutil.rmtree(folder.path, ignore_errors=True)
+                for path in made[1:]:
+                    try:
+                        os.rmdir(path)
+                    except OSError:
+                        break
+            raise
 
 
 class _Interrupted(Exception):
@@ -420,9 +444,8 @@ class _OptunaSearch:
         front = {int(r["trial"]) for r in front_rows(rows, costs=self.config.costs)}
         if model is not None and number in front:
             path = self.folder.checkpoint(number)
-            tmp = f"{path}.tmp"
-            torch.save(cpu_state_dict(model), tmp)
-            os.replace(tmp, path)
+            state = cpu_state_dict(model)
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
         for name in os.listdir(self.folder.models_dir):
             if name.startswith("trial_") and name.endswith(".pt") and int(name[6:11]) not in front:
                 os.remove(os.path.join(self.folder.models_dir, name))
@@ -696,8 +719,8 @@ def create_run(setup: SearchSetup, folder: RunFolder, runner: TrialRunner) -> No
     baseline = _baseline(setup, runner)
     folder.create(
         {
-            "command": sys.argv,
-            "config": config.to_dict(),
+            "command": redact_command(sys.argv),
+            "config": {**config.to_dict(), "storage": redact_url(config.storage) if config.storage else None},
             "identity": setup.identity(),
             # the study's name, which does not depend on where the folder lies (see new_study_name)
             "study_name": config.study_name or new_study_name(setup.identity()),
@@ -752,6 +775,8 @@ def run_search(config: RunConfig) -> SearchResult:
         check_resumable(folder, config)
     setup = prepare(config, log=not config.quiet, latency_floor_check=not folder.exists())
     resuming = folder.check_new_or_matching(setup.identity())
+    if config.storage is not None:  # opened before the run folder is made: a bad one writes nothing
+        open_storage(config.storage)
     with _locked(folder):
         runner = make_runner(setup)
         if not resuming:

@@ -19,7 +19,7 @@ from torch import nn
 from ._config import RunConfig
 from ._cost import CostModel
 from ._data import DataBundle, load_dataset
-from ._errors import first_line
+from ._errors import first_line, shorten
 from ._evaluate import main_logits
 from ._finetune import FinetuneConfig
 from ._flops import ModelProfile
@@ -124,6 +124,7 @@ class SearchSetup:
             "objective": c.objective,
             "target": self.latency.table.key if self.latency is not None else None,
             "space": self.space.space.source,
+            "space_sha256": self.space.space.digest,
             "epochs": c.epochs,
             "seed": c.seed,
             "val_fraction": c.val_fraction,
@@ -230,6 +231,25 @@ def check_cost_budget(budget: float, cost: CostModel, space: ResolvedSpace, mode
         )
 
 
+def check_runs(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, model_name: str) -> None:
+    """Refuse a model that cannot classify the data's images: it fails on them (input channels
+    that do not match, images too small) or does not output (batch, classes) logits."""
+    size = "x".join(str(d) for d in input_shape)
+    try:
+        with torch.no_grad():
+            out = main_logits(copy.deepcopy(model).eval()(torch.zeros(2, *input_shape)))
+    except Exception as exc:
+        raise ValueError(
+            f"model {model_name!r} fails on the dataset's {size} images: {shorten(first_line(exc), 200)}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model {model_name!r} outputs {shape} on the dataset's {size} images, "
+            f"not (batch, {num_classes}) class scores"
+        )
+
+
 def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: str) -> None:
     """Refuse a model that cannot take a training step on the data's images (fine-tuning needs
     one): e.g. Inception v3's auxiliary head on images under about 150 pixels."""
@@ -300,6 +320,7 @@ def prepare(
             f"model {spec.name!r} expects {len(spec.normalization.mean)}-channel images, "
             f"dataset {config.dataset!r} has {data.input_shape[0]}"
         )
+    check_runs(model, tuple(data.input_shape), data.num_classes, spec.name)
     if config.epochs > 0:
         check_trainable(model, tuple(data.input_shape), spec.name)
     normalization = spec.normalization or Normalization(*data.channel_stats())

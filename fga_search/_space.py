@@ -12,7 +12,9 @@ trial (samplers such as NSGA-II and TPE work best so), and a fraction maps to
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,11 +24,13 @@ from typing import Any
 
 import yaml
 
+from ._errors import shorten
 from ._geometry import LayerInfo
 from ._plan import KEEP, Plan
 
 __all__ = ["LayerSpace", "ResolvedSpace", "SearchSpace", "list_spaces", "load_space"]
 
+MAX_SPACE_BYTES = 1 << 20
 _TOP_KEYS = {"skip", "groups", "rank", "pointwise", "overrides"}
 _RANK_KEYS = {"low", "high", "log"}
 _OVERRIDE_KEYS = {"match", "groups", "rank", "skip"}
@@ -71,6 +75,7 @@ class SearchSpace:
     pointwise: bool
     overrides: tuple[Override, ...]
     source: str
+    digest: str = ""  # sha256 of the file's text: a space edited in place is another space
 
     def resolve(self, layers: Sequence[LayerInfo], *, strict: bool = True) -> ResolvedSpace:
         """Tie the space to a model's decomposable layers.
@@ -192,29 +197,38 @@ class ResolvedSpace:
         return params
 
 
+def _show(value: object) -> str:
+    """A value for a message, cut short: a space file's values can be huge."""
+    return shorten(repr(value), 80)
+
+
 def _positive_ints(value: object, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where} must be a non-empty list of group counts, got {value!r}")
+        raise ValueError(f"{where} must be a non-empty list of group counts, got {_show(value)}")
     for g in value:
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise ValueError(f"{where}: group count {g!r} is impossible (group counts are integers >= 1)")
+            raise ValueError(
+                f"{where}: group count {_show(g)} is impossible (group counts are integers >= 1)"
+            )
     return tuple(sorted(set(value)))
 
 
 def _rank(value: object, where: str) -> RankRange:
     if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping with low, high and log, got {value!r}")
+        raise ValueError(f"{where} must be a mapping with low, high and log, got {_show(value)}")
     unknown = set(value) - _RANK_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(_RANK_KEYS)}")
+        raise ValueError(
+            f"{where}: unknown key(s) {_show(sorted(map(str, unknown)))}; valid keys: {sorted(_RANK_KEYS)}"
+        )
     low, high, log = value.get("low", 0.03), value.get("high", 0.6), value.get("log", True)
     for name, v in (("low", low), ("high", high)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 or not math.isfinite(v):
-            raise ValueError(f"{where}.{name} must be a fraction in (0, 1], got {v!r}")
+            raise ValueError(f"{where}.{name} must be a fraction in (0, 1], got {_show(v)}")
     if low > high:
         raise ValueError(f"{where}: low ({low}) must not exceed high ({high})")
     if not isinstance(log, bool):
-        raise ValueError(f"{where}.log must be true or false, got {log!r}")
+        raise ValueError(f"{where}.log must be true or false, got {_show(log)}")
     return RankRange(float(low), float(high), log)
 
 
@@ -223,21 +237,28 @@ def _parse(data: object, name: str, source: str) -> SearchSpace:
         raise ValueError(f"space {name!r} ({source}) must be a YAML mapping")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"space {name!r}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(_TOP_KEYS)}")
+        raise ValueError(
+            f"space {name!r}: unknown key(s) {_show(sorted(map(str, unknown)))}; valid keys: {sorted(_TOP_KEYS)}"
+        )
     skip = data.get("skip", []) or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"space {name!r}: skip must be a list of layer-name patterns")
     pointwise = data.get("pointwise", True)
     if not isinstance(pointwise, bool):
-        raise ValueError(f"space {name!r}: pointwise must be true or false, got {pointwise!r}")
+        raise ValueError(f"space {name!r}: pointwise must be true or false, got {_show(pointwise)}")
     overrides = []
-    for i, ov in enumerate(data.get("overrides", []) or []):
+    listed = data.get("overrides", []) or []
+    if not isinstance(listed, list):
+        raise ValueError(f"space {name!r}: overrides must be a list of mappings, got {_show(listed)}")
+    for i, ov in enumerate(listed):
         where = f"space {name!r}: overrides[{i}]"
         if not isinstance(ov, dict) or not isinstance(ov.get("match"), str):
             raise ValueError(f"{where} must be a mapping with a 'match' pattern")
         bad = set(ov) - _OVERRIDE_KEYS
         if bad:
-            raise ValueError(f"{where}: unknown key(s) {sorted(bad)}; valid keys: {sorted(_OVERRIDE_KEYS)}")
+            raise ValueError(
+                f"{where}: unknown key(s) {_show(sorted(map(str, bad)))}; valid keys: {sorted(_OVERRIDE_KEYS)}"
+            )
         overrides.append(
             Override(
                 match=ov["match"],
@@ -268,12 +289,20 @@ def load_space(name_or_path: str) -> SearchSpace:
     else:
         if name_or_path not in list_spaces():
             raise ValueError(
-                f"unknown space {name_or_path!r}; shipped spaces: {', '.join(list_spaces())}, or a path to a .yaml file"
+                f"unknown space {shorten(name_or_path)!r}; shipped spaces: {', '.join(list_spaces())}, or a path to a .yaml file"
             )
         text = _spaces_dir().joinpath(f"{name_or_path}.yaml").read_text()
         name, source = name_or_path, f"fga_search/search_spaces/{name_or_path}.yaml"
+    if len(text) > MAX_SPACE_BYTES:
+        raise ValueError(
+            f"space {name!r} is {len(text)} characters long; a space file is at most {MAX_SPACE_BYTES}"
+        )
     try:
+        # aliases first, from the events alone: an alias bomb expands only when composed
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ValueError(f"space {name!r} uses YAML aliases (*name); write the values out instead")
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"space {name!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return _parse(data, name, source)
+    space = _parse(data, name, source)
+    return dataclasses.replace(space, digest=hashlib.sha256(text.encode()).hexdigest())

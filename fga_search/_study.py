@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ._errors import first_line
+from ._storage import redact_url
+
 if TYPE_CHECKING:
     from ._config import RunConfig
     from ._runfolder import RunFolder
@@ -102,7 +105,8 @@ def open_study(
             load_if_exists=True,
         )
     except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
-        raise ValueError(f"cannot open the Optuna storage {storage!r}: {exc}") from None
+        shown = redact_url(storage) if isinstance(storage, str) else type(storage).__name__
+        raise ValueError(f"cannot open the Optuna storage {shown!r}: {first_line(exc)}") from None
 
 
 def is_finished(trial: FrozenTrial) -> bool:

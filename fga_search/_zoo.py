@@ -19,6 +19,7 @@ from torch import nn
 
 from ._checkpoint import load_state_dict_file, load_weights
 from ._cifar_models import CIFAR10_MEAN, CIFAR10_STD, CifarResNet, CifarVGG, DigitsCNN
+from ._errors import first_line, shorten
 from ._loader import Normalization
 
 __all__ = ["ModelSpec", "build_model", "list_models", "register_model", "resolve_model"]
@@ -146,7 +147,17 @@ def build_model(
     spec = name if isinstance(name, ModelSpec) else resolve_model(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    model = _factory(spec)(num_classes=num_classes)
+    factory = _factory(spec)
+    if spec.source == "factory":  # the user's code: any failure is a bad --model
+        try:
+            model = factory(num_classes=num_classes)
+        except Exception as exc:
+            raise ValueError(
+                f"model {spec.name!r}: factory(num_classes={num_classes}) failed: {shorten(first_line(exc), 160)} "
+                "(a factory takes num_classes and returns an nn.Module)"
+            ) from None
+    else:
+        model = factory(num_classes=num_classes)
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"model {spec.name!r}: the factory returned a {type(model).__name__}, not an nn.Module"

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ._atomic import atomic_write_json
 from ._bn_fold import folded_copy
 from ._data import cache_dir
 from ._fga import FGAConv2d, with_cpu_execution
@@ -379,10 +380,7 @@ class LatencyTable:
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"target": self.key, "entries": self.entries}, f, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"target": self.key, "entries": self.entries}, indent=0)
 
     def entry_key(self, info: LayerInfo, in_hw: tuple[int, int], choice: tuple[int, int] | str) -> str:
         tail = "dense" if choice == KEEP else f"g{choice[0]}-r{choice[1]}"
