@@ -633,9 +633,9 @@ def export(
     Needs the run's inputs (weights, data). ``ValueError`` on bad input; nothing is written then.
     The export folder appears complete or not at all (an earlier export there is replaced).
     """
-    from . import __version__
     from ._flops import measure_macs
     from ._setup import make_runner, prepare
+    from ._version import __version__
 
     chosen = _check_pick(pick)
     kinds = _check_formats(formats)
