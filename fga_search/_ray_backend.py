@@ -41,15 +41,12 @@ from ._checkpoint import cpu_state_dict
 from ._data import DataBundle, Split
 from ._errors import first_line
 from ._loader import Normalization
+from ._pareto import best_row
 from ._plan import load_plan
-from ._progress import Progress
-from ._records import read_table, rows_to_table, write_parquet
-from ._runfolder import RunFolder
-from ._search import (
+from ._policy import (
     REPORT_EVERY,
     SearchResult,
     alloc_attrs,
-    best_row,
     enqueue_initial_plans,
     finalize,
     maybe_enqueue_mutation,
@@ -59,6 +56,9 @@ from ._search import (
     trial_constraint,
     update_latency_aim,
 )
+from ._progress import Progress
+from ._records import read_table, rows_to_table, write_parquet
+from ._runfolder import RunFolder
 from ._setup import SearchSetup
 from ._study import count_finished, make_sampler, open_study, set_budget_constraint
 from ._trial import OverBudget, TrialRunner, TrialSettings
@@ -598,7 +598,7 @@ class RaySearch:
     def keep_front_checkpoints(self, rows: list[dict[str, Any]], experiment: str) -> None:
         """Copy the front's trained weights into the run folder: from this driver's results, or
         for a trial an earlier driver ran, from its Tune experiment kept aside."""
-        from ._search import front_rows
+        from ._pareto import front_rows
 
         front = {int(r["trial"]) for r in front_rows(rows, costs=self.config.costs)}
         for row in rows:
