@@ -52,6 +52,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SearchResult:
+    """What ``search`` returns: the run folder, how many trials it holds (``finished``: those that
+    ran to an end), the Pareto front's rows (pareto.parquet), the best member's row (the highest
+    validation accuracy within the budget) and the original model's figures (``baseline``)."""
+
     run_dir: str
     trials: int
     finished: int

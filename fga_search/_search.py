@@ -8,6 +8,7 @@ study lives in ``study.db`` (or ``--storage``); ``trials.parquet`` is rewritten 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import signal
@@ -17,7 +18,7 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import optuna
 import torch
@@ -57,7 +58,14 @@ from ._trial import OverBudget, TrialOutcome, TrialRunner
 __all__ = ["SearchResult", "run_search", "search"]
 
 
+@overload
+def search(config: RunConfig, /, **overrides: Any) -> SearchResult: ...
+
+
+@overload
 def search(
+    config: None = None,
+    /,
     *,
     out: str,
     model: str | None = None,
@@ -68,24 +76,30 @@ def search(
     trials: int = 40,
     epochs: float = 1.0,
     **options: Any,
-) -> SearchResult:
-    """Run (or resume) a search; keyword arguments mirror the command line's options."""
+) -> SearchResult: ...
+
+
+def search(config: RunConfig | None = None, /, **options: Any) -> SearchResult:
+    """Run (or resume) a search, and return its front and best trial.
+
+    ``search(RunConfig(out="runs/x", model="resnet56", ...))`` runs a :class:`RunConfig`'s
+    settings; ``search(out="runs/x", model="resnet56", ...)`` builds one from keyword arguments
+    named as its fields (the command line's options, with underscores for dashes);
+    ``search(config, trials=80)`` runs a copy of ``config`` with those fields changed. An unknown
+    name or a bad value raises ``ValueError`` naming it, before anything is written."""
     unknown = set(options) - set(RunConfig.field_names())
     if unknown:
         raise ValueError(
             f"unknown search option(s) {sorted(unknown)}; valid options: {RunConfig.field_names()}"
         )
-    config = RunConfig(
-        out=out,
-        model=model,
-        weights=weights,
-        dataset=dataset,
-        data_dir=data_dir,
-        budget=budget,
-        trials=trials,
-        epochs=epochs,
-        **options,
-    )
+    if config is None:
+        if "out" not in options:
+            raise TypeError("search() needs a RunConfig or out= (the run folder)")
+        config = RunConfig(**options)
+    elif not isinstance(config, RunConfig):
+        raise TypeError(f"search() takes a RunConfig, got config={config!r}")
+    elif options:
+        config = dataclasses.replace(config, **options)
     return run_search(config)
 
 

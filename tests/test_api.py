@@ -100,3 +100,44 @@ def test_type_checking_imports_match_the_lazy_table() -> None:
         for alias in node.names
     }
     assert seen == fga_search._LAZY
+
+
+def test_run_config_documents_every_option() -> None:
+    from fga_search import RunConfig
+
+    doc = RunConfig.__doc__ or ""
+    assert [f for f in RunConfig.field_names() if f"``{f}``" not in doc] == []
+    with pytest.raises(TypeError):
+        RunConfig("runs/x")  # type: ignore[misc]  # keyword-only
+    with pytest.raises(
+        ValueError, match=r"^--budget-metric must be one of flops, params, latency, got 'macs'$"
+    ):
+        RunConfig(out="runs/x", budget_metric="macs")
+
+
+def test_search_takes_a_run_config(tmp_path: Path) -> None:
+    from fga_search import RunConfig, search
+
+    config = RunConfig(
+        out=str(tmp_path / "run"), budget=0.3, trials=2, epochs=0.0, quiet=True, front_latency_runs=0
+    )
+    result = search(config)
+    assert result.run_dir == config.out and result.finished == 2 and result.trials == 2
+    assert result.front and all(r["flops_ratio"] <= 0.3 for r in result.front)
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert recorded == config.to_dict()
+    resumed = search(config, trials=3)  # a copy of config with trials=3: the run resumes to 3
+    assert resumed.finished == 3 and resumed.trials == 3
+    assert config.trials == 2  # the caller's config is unchanged
+
+    for bad, error, message in [
+        ((), TypeError, r"needs a RunConfig or out="),
+        ((str(tmp_path / "y"),), TypeError, r"takes a RunConfig, got config='.*y'"),
+    ]:
+        with pytest.raises(error, match=message):
+            search(*bad)
+    with pytest.raises(ValueError, match=r"^--trials must be >= 1, got 0$"):
+        search(RunConfig(out=str(tmp_path / "z")), trials=0)
+    with pytest.raises(ValueError, match=r"unknown search option\(s\) \['budgett'\]"):
+        search(RunConfig(out=str(tmp_path / "z")), budgett=0.3)
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
