@@ -115,6 +115,7 @@ def test_run_config_documents_every_option() -> None:
         RunConfig(out="runs/x", budget_metric="macs")
 
 
+@pytest.mark.slow
 def test_search_takes_a_run_config(tmp_path: Path) -> None:
     from fga_search import RunConfig, search
 
