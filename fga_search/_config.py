@@ -32,9 +32,35 @@ def needs_latency(objective: str, budget_metric: str) -> bool:
     return "latency" in objective or budget_metric == "latency"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Everything a search run needs. ``model=None`` and ``dataset='digits'`` is the quickstart."""
+    """Everything a search run needs: the one definition of the search's options.
+
+    Each field is the command line's option of the same name (``--budget-metric`` is
+    ``budget_metric``), with the same default and the same checks: a bad value raises
+    ``ValueError`` naming the option and the value when the config is made. Pass it to
+    ``fga_search.search(config)``; ``run.json`` records it (``to_dict``). ``model=None`` and
+    ``dataset="digits"`` is the quickstart. The fields, by group:
+
+    * what to compress: ``model`` (zoo name, torchvision name or ``pkg.module:factory``),
+      ``weights`` (a state_dict, loaded with ``weights_only=True``), ``dataset`` (digits, cifar10,
+      cifar100, imagefolder), ``data_dir``, ``download``, ``image_size``;
+    * the search: ``out`` (the run folder; an existing one is resumed), ``budget`` (a fraction of
+      the original's cost, in (0, 1]), ``budget_metric`` (flops, params, latency), ``objective``,
+      ``trials``, ``epochs`` (fine-tuning per trial), ``sampler`` (nsga2, tpe, random),
+      ``population``, ``timeout`` (seconds), ``seed``, ``space`` (a shipped space or a YAML
+      path), ``strategy`` (search, or a baseline: uniform, error-alloc, random), ``warm_start``;
+    * latency: ``target`` (cpu, cpu:THREADS, cuda, cuda:N), ``target_batch``, ``target_dtype``,
+      ``target_memory_format``, ``front_latency_runs``;
+    * each trial: ``device``, ``batch_size``, ``lr``, ``compile``, ``cudnn_benchmark``,
+      ``device_data_gb``, ``workers``, ``calibration``, ``recalibration``, ``val_fraction``,
+      ``train_limit``, ``val_limit``, ``test_limit``;
+    * the Ray backend: ``backend`` (optuna, ray), ``ray_address``, ``gpus_per_trial``,
+      ``cpus_per_trial``, ``max_concurrent``, ``storage_path``, ``ray_dashboard``;
+    * storage and output: ``storage`` (an Optuna RDB URL), ``study_name``, ``quiet``.
+
+    ``fga-search --help`` describes each option at length.
+    """
 
     out: str
     model: str | None = None

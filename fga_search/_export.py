@@ -760,9 +760,9 @@ def export(
     spec.json of ours beside its model.pt) only the files an export writes are replaced, one by one,
     and nothing else in the folder is touched; any other non-empty folder is refused (``ValueError``).
     """
-    from . import __version__
     from ._flops import measure_macs
     from ._setup import make_runner, prepare
+    from ._version import __version__
     from ._zoo import _factory as _zoo_factory
 
     chosen = _check_pick(pick)

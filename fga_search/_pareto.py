@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["hypervolume", "knee_index", "pareto_front", "pareto_mask"]
+__all__ = ["best_row", "front_rows", "hypervolume", "knee_index", "pareto_front", "pareto_mask"]
 
 
 def pareto_mask(acc: Sequence[float], *costs: Sequence[float]) -> np.ndarray:
@@ -64,6 +64,34 @@ def knee_index(acc: Sequence[float], cost: Sequence[float]) -> int:
     norm = float(np.hypot(*d)) or 1.0
     dist = np.abs(d[0] * (an - p[1]) - d[1] * (cn - p[0])) / norm
     return int(np.argmax(dist))
+
+
+def front_rows(rows: list[dict[str, Any]], *, costs: list[str] | None = None) -> list[dict[str, Any]]:
+    """Non-dominated rows among finished trials within budget: validation accuracy up, each cost
+    column down (default: the FLOPs ratio; a latency search adds ``latency_ratio``)."""
+    costs = costs or ["flops_ratio"]
+    ok = [
+        r
+        for r in rows
+        if r.get("state") == "COMPLETE"
+        and r.get("status") in ("ok", "duplicate")
+        and r.get("within_budget")
+        and r.get("val_acc") is not None
+        and all(r.get(c) is not None for c in costs)
+    ]
+    if not ok:
+        return []
+    mask = pareto_mask([r["val_acc"] for r in ok], *[[r[c] for r in ok] for c in costs])
+    front = sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["flops_ratio"])
+    return front
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest validation accuracy within budget, ties broken by fewer FLOPs."""
+    front = front_rows(rows)
+    if not front:
+        return None
+    return max(front, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
 
 
 def pareto_front(run_dir: str) -> pd.DataFrame:

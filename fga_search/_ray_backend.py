@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray._private.ray_constants as constants
 import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -41,15 +40,12 @@ from ._checkpoint import cpu_state_dict
 from ._data import DataBundle, Split
 from ._errors import first_line
 from ._loader import Normalization
+from ._pareto import best_row
 from ._plan import load_plan
-from ._progress import Progress
-from ._records import read_table, rows_to_table, write_parquet
-from ._runfolder import RunFolder
-from ._search import (
+from ._policy import (
     REPORT_EVERY,
     SearchResult,
     alloc_attrs,
-    best_row,
     enqueue_initial_plans,
     finalize,
     maybe_enqueue_mutation,
@@ -59,6 +55,9 @@ from ._search import (
     trial_constraint,
     update_latency_aim,
 )
+from ._progress import Progress
+from ._records import read_table, rows_to_table, write_parquet
+from ._runfolder import RunFolder
 from ._setup import SearchSetup
 from ._study import count_finished, make_sampler, open_study, run_study_name, set_budget_constraint
 from ._trial import OverBudget, TrialRunner, TrialSettings
@@ -212,7 +211,12 @@ def _init_ray(setup: SearchSetup) -> None:
     if local:
         # Ray then takes 127.0.0.1 as the node address and binds its servers to loopback only.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        constants.ENABLE_RAY_CLUSTER = False  # read when ray was imported
+        # Private API, kept: Ray reads that variable once, when ray is imported (here, or earlier
+        # in the same process), into this constant, and ray.init has no public option that keeps
+        # a local instance on loopback.
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         return
     try:
@@ -277,7 +281,14 @@ def _study_rows(study: Any, costs: list[str]) -> list[dict[str, Any]]:
 
 class _MutatingSearch(OptunaSearch):  # type: ignore[misc]
     """Ray's OptunaSearch with the Optuna backend's local moves: before each new trial it may
-    queue a mutation of the best error allocation so far (same rule and random stream)."""
+    queue a mutation of the best error allocation so far (same rule and random stream).
+
+    Private API, kept: it reads OptunaSearch's ``_ot_study``, ``_ot_trials`` and
+    ``_completed_trials``. OptunaSearch creates and owns the study and maps Tune's trial ids to
+    Optuna trials with no public accessor to either, and the budget constraint has to be set on
+    the Optuna trial before OptunaSearch tells it (Optuna keeps the first value). A public route
+    would be a Tune Searcher of our own around an Optuna study; tests/test_ray.py pins the
+    attributes' behaviour for the installed Ray."""
 
     def __init__(self, *, key: str, rng: random.Random, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -599,7 +610,7 @@ class RaySearch:
     def keep_front_checkpoints(self, rows: list[dict[str, Any]], experiment: str) -> None:
         """Copy the front's trained weights into the run folder: from this driver's results, or
         for a trial an earlier driver ran, from its Tune experiment kept aside."""
-        from ._search import front_rows
+        from ._pareto import front_rows
 
         front = {int(r["trial"]) for r in front_rows(rows, costs=self.config.costs)}
         for row in rows:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ._pareto import knee_index
+from ._pareto import best_row, front_rows, knee_index
 from ._records import read_table
 from ._runfolder import RunFolder
 
@@ -73,8 +73,6 @@ def _mtime(path: str) -> int:
 
 
 def _computed_front(folder: RunFolder, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from ._search import best_row, front_rows  # lazy: the search imports the report
-
     front = [dict(r) for r in front_rows(rows)]
     cache = folder.read_json("test_acc.json", {}) or {}
     best = best_row(rows)

@@ -138,7 +138,7 @@ class SearchSetup:
     def versions(self) -> dict[str, str]:
         import optuna
 
-        from . import __version__
+        from ._version import __version__
 
         return {
             "fga_search": __version__,

@@ -132,6 +132,10 @@ def recover_interrupted(
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("requeued_from") for t in trials}
     recovered = []
+    # Private API, kept: Optuna has no public way to update a trial that another (killed) process
+    # left RUNNING. Study.tell can fail it by number, but the reason must be recorded first and a
+    # trial's user attributes can be set only through a Trial of this process or the storage, by
+    # the id that FrozenTrial keeps as _trial_id; tell would also run the sampler's after_trial.
     storage = study._storage
     for t in trials:
         if t.state != TrialState.RUNNING:

@@ -138,7 +138,7 @@ def test_mutations_of_a_slack_allocation_move_its_slack_or_its_thresholds(tmp_pa
     import random
 
     from fga_search._config import RunConfig
-    from fga_search._search import SLACK_RANGE, SLACK_STEP, propose_mutation
+    from fga_search._policy import SLACK_RANGE, SLACK_STEP, propose_mutation
     from fga_search._setup import prepare
     from fga_search._strategies import error_alloc_plan
 
@@ -193,7 +193,7 @@ def test_a_mutation_repaired_back_to_a_plan_the_study_holds_is_not_queued(tmp_pa
     from optuna.trial import TrialState, create_trial
 
     from fga_search._config import RunConfig
-    from fga_search._search import MUTATION_RATE, maybe_enqueue_mutation, propose_mutation
+    from fga_search._policy import MUTATION_RATE, maybe_enqueue_mutation, propose_mutation
     from fga_search._setup import prepare
     from fga_search._strategies import error_alloc_plan
 

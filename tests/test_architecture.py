@@ -1,0 +1,271 @@
+"""The package's import structure, by static analysis of its import statements (no module is run).
+
+Every ``import`` and ``from ... import`` of a ``fga_search`` module counts, at module level and
+inside functions (a lazy import is still an import: it runs on first use); imports under
+``if TYPE_CHECKING:`` run only in a type checker, so they count for the layers but not for cycles.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fga_search"
+
+# The layers, lowest first: a module may import from its own layer and the ones before it, never
+# from a later one. Every module must be listed (a new module is placed on purpose); a subpackage
+# can take a layer's place later (e.g. "fga_search.core" for the first).
+LAYERS: dict[str, tuple[str, ...]] = {
+    # compression, models, data and measurement; run-folder files (written by the search, read by all)
+    "core": (
+        "_bn_fold",
+        "_checkpoint",
+        "_cifar_models",
+        "_cost",
+        "_cpu_execution",
+        "_data",
+        "_errors",
+        "_evaluate",
+        "_fga",
+        "_finetune",
+        "_flops",
+        "_geometry",
+        "_loader",
+        "_pareto",
+        "_plan",
+        "_progress",
+        "_recalibrate",
+        "_records",
+        "_refine",
+        "_runfolder",
+        "_spectra",
+        "_surgery",
+        "_version",
+        "_zoo",
+        "latency",
+    ),
+    # reading a run folder and reporting on it: only reads
+    "report": ("_report", "_runview"),
+    # the search: its settings, set-up, trials, shared policy and the two backends
+    "search": (
+        "_baseline_cache",
+        "_config",
+        "_latency_aim",
+        "_policy",
+        "_quickstart",
+        "_ray_backend",
+        "_repair",
+        "_search",
+        "_setup",
+        "_space",
+        "_strategies",
+        "_study",
+        "_trial",
+    ),
+    # exporting a run's pick, with the runtimes' latency
+    "deploy": ("_export", "_onnx_pool", "_runtime_latency"),
+    "cli": ("_cli",),
+    "api": ("",),  # the package itself (fga_search/__init__.py)
+}
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def import_graph(root: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """``(runtime, type_only)``: for each module of the package at ``root``, the package's modules
+    it imports (at any depth: module level, functions, methods), and those it imports only under
+    ``if TYPE_CHECKING:``."""
+    paths = {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    packages = {_module_name(p, root) for p in paths.values() if p.name == "__init__.py"}
+    top = root.name
+    runtime: dict[str, set[str]] = {name: set() for name in paths}
+    type_only: dict[str, set[str]] = {name: set() for name in paths}
+
+    def target(name: str) -> str | None:
+        while name and name not in paths:  # a name inside a module: the module
+            name = name.rpartition(".")[0]
+        return name or None
+
+    def visit(module: str, node: ast.AST, typing_only: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(module, child, True)
+            for child in node.orelse:
+                visit(module, child, typing_only)
+            return
+        found: list[str] = []
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names if alias.name.split(".")[0] == top]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module if module in packages else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            if source.split(".")[0] == top:
+                # ``from PKG import name``: the submodule PKG.name if there is one, else PKG
+                found = [f"{source}.{alias.name}" for alias in node.names] or [source]
+        for name in found:
+            dep = target(name)
+            if dep is not None and dep != module:
+                (type_only if typing_only else runtime)[module].add(dep)
+        for child in ast.iter_child_nodes(node):
+            visit(module, child, typing_only)
+
+    for name, path in paths.items():
+        visit(name, ast.parse(path.read_text(), filename=str(path)), False)
+    for name in paths:
+        type_only[name] -= runtime[name]
+    return runtime, type_only
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles (``a -> b -> ... -> a``): in each strongly connected component of the graph,
+    shortest ones until every module of the component is on one."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[set[str]] = []
+
+    def strongconnect(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph.get(v, ()):
+                components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+    cycles = []
+    for component in components:
+        covered: set[str] = set()
+        for start in sorted(component):  # shortest cycles until each module of it is on one
+            if start not in covered:
+                cycles.append(_shortest_cycle(graph, component, start))
+                covered.update(cycles[-1])
+    return cycles
+
+
+def _shortest_cycle(graph: dict[str, set[str]], component: set[str], start: str) -> list[str]:
+    """Breadth-first from ``start`` back to it, inside its strongly connected component."""
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while start not in parents:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & component):
+                if w not in parents:
+                    parents[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    path = [start]  # backwards: start, the module importing start, the one importing that, ...
+    v = parents[start]
+    while v != start:
+        path.append(v)
+        v = parents[v]
+    return [start, *reversed(path[1:]), start]
+
+
+def _format(cycle: list[str]) -> str:
+    return " -> ".join(cycle)
+
+
+@pytest.fixture(scope="module")
+def graphs() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    return import_graph(PACKAGE)
+
+
+def test_the_analysis_sees_every_kind_of_import(graphs: tuple[dict, dict]) -> None:
+    """Not vacuous: it finds module-level, relative, lazy (in a function) and type-only imports."""
+    runtime, type_only = graphs
+    assert len(runtime) >= 40
+    assert "fga_search._fga" in runtime["fga_search._surgery"]  # module level
+    assert "fga_search._ray_backend" in runtime["fga_search._search"]  # inside run_search
+    assert "fga_search._report" in runtime["fga_search._policy"]  # inside refresh_report
+    assert (
+        "fga_search._config" in type_only["fga_search._export"]
+        or "fga_search._config" in (runtime["fga_search._export"])
+    )
+    assert "fga_search._loader" in type_only["fga_search"]  # __init__'s TYPE_CHECKING block
+    assert runtime["fga_search"] == {"fga_search._version"}  # the lazy package imports nothing else
+
+
+def test_cycle_finder_reports_a_planted_cycle(tmp_path: Path) -> None:
+    pkg = tmp_path / "fga_search"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_a.py").write_text("from ._b import x\n")
+    (pkg / "_b.py").write_text("def f():\n    from fga_search._c import y\n")
+    (pkg / "_c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._d import z\n"
+        "def g():\n    if True:\n        from . import _a\n"
+    )
+    (pkg / "_d.py").write_text("from ._c import w\n")
+    runtime, type_only = import_graph(pkg)
+    assert runtime["fga_search._c"] == {"fga_search._a"}
+    assert type_only["fga_search._c"] == {"fga_search._d"}
+    assert find_cycles(runtime) == [["fga_search._a", "fga_search._b", "fga_search._c", "fga_search._a"]]
+
+
+def test_no_import_cycles(graphs: tuple[dict, dict]) -> None:
+    runtime, _ = graphs
+    cycles = find_cycles(runtime)
+    assert not cycles, "import cycles:\n" + "\n".join(_format(c) for c in cycles)
+
+
+def test_every_module_has_a_layer(graphs: tuple[dict, dict]) -> None:
+    runtime, _ = graphs
+    listed = [f"fga_search.{m}" if m else "fga_search" for names in LAYERS.values() for m in names]
+    assert len(listed) == len(set(listed)), "a module is in two layers"
+    assert sorted(runtime) == sorted(listed), (
+        f"not in LAYERS: {sorted(set(runtime) - set(listed))}; "
+        f"listed but missing: {sorted(set(listed) - set(runtime))}"
+    )
+
+
+def test_imports_point_down_the_layers(graphs: tuple[dict, dict]) -> None:
+    runtime, type_only = graphs
+    rank = {
+        f"fga_search.{m}" if m else "fga_search": (i, layer)
+        for i, (layer, names) in enumerate(LAYERS.items())
+        for m in names
+    }
+    wrong = [
+        f"{module} ({rank[module][1]}) imports {dep} ({rank[dep][1]})"
+        for graph in (runtime, type_only)
+        for module, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if rank[dep][0] > rank[module][0]
+    ]
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
