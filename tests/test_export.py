@@ -565,6 +565,19 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sorted(os.listdir(tmp_path / "plain")) == ["notes.txt"]
 
 
+def _unwritable_as_root() -> Path:
+    """A folder that even root cannot create anything in: /sys where it is mounted read-only,
+    else /proc (whose top level takes no new entries). Fails, never skips, if neither refuses."""
+    for folder in (Path("/sys"), Path("/proc")):
+        probe = folder / "fga-search-export-probe"
+        try:
+            probe.mkdir()
+        except OSError:
+            return folder
+        probe.rmdir()
+    pytest.fail("running as root, and both /sys and /proc are writable: no unwritable folder to test with")
+
+
 def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = fake_run(tmp_path / "run", [digits_trial(0, PLAN, val_acc=0.97)])
     locked = tmp_path / "locked"
@@ -573,14 +586,7 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     try:
         target = locked / "exported"
         if os.geteuid() == 0:  # permissions do not stop root; a read-only file system does
-            target = Path("/sys/fga-search-export-test")
-            try:
-                target.mkdir()
-            except OSError:
-                pass
-            else:
-                target.rmdir()
-                pytest.skip("running as root with a writable /sys: no unwritable folder to test with")
+            target = _unwritable_as_root() / "fga-search-export-test"
         code, err = _cli(["export", str(run), "--out", str(target)], capsys)
         _one_line_error(code, err, f"--out {target}: cannot write in {target.parent}")
         assert not target.exists()
