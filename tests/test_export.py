@@ -213,6 +213,7 @@ def latency_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
     latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -253,6 +254,7 @@ def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
         torch.testing.assert_close(rerun[name], value, msg=name)
 
 
+@pytest.mark.slow
 def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -324,6 +326,7 @@ def _knee_export_args(run_dir: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_final_finetune_takes_its_own_learning_rate_and_batch(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -360,6 +363,7 @@ def test_final_finetune_takes_its_own_learning_rate_and_batch(
     assert ft["steps"] == round(0.25 * (1295 + 143)) // 64 == 5
 
 
+@pytest.mark.slow
 def test_quiet_export_prints_no_progress(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -371,6 +375,7 @@ def test_quiet_export_prints_no_progress(
     assert json.loads((out / "spec.json").read_text())["finetune"]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_export_command_prints_a_summary(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
