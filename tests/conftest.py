@@ -53,10 +53,11 @@ def resnet56(shared: Path):  # type: ignore[no-untyped-def]
     return build_model("resnet56", num_classes=10, weights=shared / "models" / "resnet56_cifar10.pt")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real quickstart run (digits CNN), small: 8 trials of 1 epoch, once per test module
-    (the export and report tests write into it)."""
+    """A real quickstart run (digits CNN), small: 8 trials of 1 epoch, once per session, shared by
+    the export and report tests. They read it (a test that changes a run copies it first); the
+    report tests rewrite its report.html and report.md, as the search wrote them."""
     home = tmp_path_factory.mktemp("home")
     out = tmp_path_factory.mktemp("runs") / "quick"
     with pytest.MonkeyPatch.context() as mp:

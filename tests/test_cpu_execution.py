@@ -51,8 +51,9 @@ def test_choice_is_measured_and_keeps_the_outputs(channels: int, hw: int, target
     assert set(result["layers"].values()) <= {"block_diagonal", "dense"}
     assert result["layers"].get("0", "dense") == "dense"
     assert result["kept"] == bool(result["layers"])
-    if result["kept"]:
-        assert result["after_ms"] < result["before_ms"]
+    # the whole model was timed before and after, whichever way it went: kept only if faster
+    assert result["before_ms"] > 0 and result["after_ms"] > 0
+    assert result["kept"] == (result["after_ms"] < result["before_ms"])
     expected = {"0": "grouped", "2": "grouped", "4": "grouped", **result["layers"]}
     assert executions(model) == expected
     with torch.no_grad():

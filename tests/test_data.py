@@ -70,6 +70,7 @@ def test_imagefolder_resizes_on_request(tmp_path: Path) -> None:
     assert data.input_shape == (3, 8, 8)
 
 
+@pytest.mark.slow
 def test_limits_keep_stratified_subsets(cifar) -> None:  # type: ignore[no-untyped-def]
     assert len(cifar.train) == 45_000 and len(cifar.val) == 5_000 and len(cifar.test) == 10_000
     assert torch.bincount(cifar.val.labels).tolist() == [500] * 10

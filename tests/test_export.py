@@ -213,6 +213,7 @@ def latency_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
     latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -253,6 +254,7 @@ def test_a_run_timed_on_a_gpu_exports_on_a_machine_without_one(
         torch.testing.assert_close(rerun[name], value, msg=name)
 
 
+@pytest.mark.slow
 def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     latency_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -324,6 +326,7 @@ def _knee_export_args(run_dir: Path, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_final_finetune_takes_its_own_learning_rate_and_batch(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -360,6 +363,7 @@ def test_final_finetune_takes_its_own_learning_rate_and_batch(
     assert ft["steps"] == round(0.25 * (1295 + 143)) // 64 == 5
 
 
+@pytest.mark.slow
 def test_quiet_export_prints_no_progress(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -371,6 +375,7 @@ def test_quiet_export_prints_no_progress(
     assert json.loads((out / "spec.json").read_text())["finetune"]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_export_command_prints_a_summary(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -565,6 +570,19 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sorted(os.listdir(tmp_path / "plain")) == ["notes.txt"]
 
 
+def _unwritable_as_root() -> Path:
+    """A folder that even root cannot create anything in: /sys where it is mounted read-only,
+    else /proc (whose top level takes no new entries). Fails, never skips, if neither refuses."""
+    for folder in (Path("/sys"), Path("/proc")):
+        probe = folder / "fga-search-export-probe"
+        try:
+            probe.mkdir()
+        except OSError:
+            return folder
+        probe.rmdir()
+    pytest.fail("running as root, and both /sys and /proc are writable: no unwritable folder to test with")
+
+
 def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = fake_run(tmp_path / "run", [digits_trial(0, PLAN, val_acc=0.97)])
     locked = tmp_path / "locked"
@@ -573,14 +591,7 @@ def test_unwritable_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[
     try:
         target = locked / "exported"
         if os.geteuid() == 0:  # permissions do not stop root; a read-only file system does
-            target = Path("/sys/fga-search-export-test")
-            try:
-                target.mkdir()
-            except OSError:
-                pass
-            else:
-                target.rmdir()
-                pytest.skip("running as root with a writable /sys: no unwritable folder to test with")
+            target = _unwritable_as_root() / "fga-search-export-test"
         code, err = _cli(["export", str(run), "--out", str(target)], capsys)
         _one_line_error(code, err, f"--out {target}: cannot write in {target.parent}")
         assert not target.exists()

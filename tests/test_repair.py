@@ -22,6 +22,7 @@ def setup(name: str = "resnet20"):  # type: ignore[no-untyped-def]
 def test_repair_brings_random_plans_within_budget() -> None:
     model, profile, space, spectra = setup()
     rng = random.Random(0)
+    compared = 0
     for budget in (0.1, 0.2, 0.5):
         for _ in range(10):
             plan = {}
@@ -32,11 +33,18 @@ def test_repair_brings_random_plans_within_budget() -> None:
                 plan, cost=CostModel(profile, "flops"), spectra=spectra, space=space, budget=budget
             )
             assert profile.ratio(fixed) <= budget
-            if profile.ratio(plan) <= budget:
-                assert fixed == plan
+            # a plan within its budget is left as it is: none of these random plans is (the former
+            # `if ratio(plan) <= budget: assert fixed == plan` never ran), the repaired one is
+            assert profile.ratio(plan) > budget
+            again = repair(
+                fixed, cost=CostModel(profile, "flops"), spectra=spectra, space=space, budget=budget
+            )
+            assert again == fixed
             for name, choice in fixed.items():  # repair lowers ranks; it never raises one
                 if plan[name] != KEEP and choice != KEEP:
                     assert choice[0] == plan[name][0] and choice[1] <= plan[name][1]
+                    compared += 1
+    assert compared >= 400  # layers factored both before and after repair over the 30 plans (451)
 
 
 def test_repair_prefers_cheap_error() -> None:

@@ -150,7 +150,7 @@ def test_mutations_of_a_slack_allocation_move_its_slack_or_its_thresholds(tmp_pa
               "alloc_weights": {}, "alloc_slack": 0.1}  # fmt: skip
     names = {layer.name for layer in setup.space.layers}
     moves = [propose_mutation(setup, [parent], random.Random(i)) for i in range(40)]
-    slack_moves = weight_moves = 0
+    slack_moves = weight_moves = at_budget = below = 0
     for move in moves:
         assert move is not None
         label, plan, weights, slack = move
@@ -170,13 +170,16 @@ def test_mutations_of_a_slack_allocation_move_its_slack_or_its_thresholds(tmp_pa
                 [1.25] * 3,
             )
         if label == "mutation of trial 4":  # re-allocated at the budget
+            at_budget += 1
             assert plan == error_alloc_plan(
                 setup.space, setup.cost, setup.spectra, budget=0.3, weights=weights, slack=slack
             )
         else:  # one move in five: below it, so that the front spans the costs
+            below += 1
             assert re.fullmatch(r"mutation of trial 4 at \d+% of the budget", label)
             assert setup.cost.ratio(plan) <= 0.3 * 0.955
     assert slack_moves >= 10 and weight_moves >= 10  # half and half, drawn
+    assert at_budget >= 20 and below >= 2  # about four in five and one in five
     # a parent with no slack (the plain allocation) only moves its thresholds
     plain = {**parent, "alloc_slack": 0.0}
     assert all(

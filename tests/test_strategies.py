@@ -194,6 +194,7 @@ def test_search_is_warm_started_and_mutates(tmp_path, monkeypatch: pytest.Monkey
         min(errors, key=errors.__getitem__),
     ]
     assert any(s.startswith("mutation of trial") for s in sources[3:])
+    assert any(r["within_budget"] for r in trials)
     assert all(r["flops_ratio"] <= 0.3 for r in trials if r["within_budget"])
     uniform = tmp_path / "uniform"
     search(out=str(uniform), budget=0.3, trials=5, epochs=0.0, quiet=True, strategy="uniform")
