@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fga_search"
 LAYERS: dict[str, tuple[str, ...]] = {
     # compression, models, data and measurement; run-folder files (written by the search, read by all)
     "core": (
+        "_atomic",
         "_bn_fold",
         "_checkpoint",
         "_cifar_models",
@@ -34,6 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_geometry",
         "_loader",
         "_pareto",
+        "_paths",
         "_plan",
         "_progress",
         "_recalibrate",
@@ -41,6 +43,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_refine",
         "_runfolder",
         "_spectra",
+        "_storage",
         "_surgery",
         "_version",
         "_zoo",
