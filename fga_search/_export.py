@@ -130,13 +130,7 @@ def _base_model(
     ``module:factory`` name is imported and called only with ``trust_model_code``."""
     from ._zoo import build_model, resolve_model
 
-    info = spec.get("model")
-    name = info.get("name") if isinstance(info, dict) else None
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"spec.json: model.name must be a model name, got {name!r}")
-    num_classes = spec.get("num_classes")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"spec.json: num_classes must be a positive integer, got {num_classes!r}")
+    name, num_classes = spec["model"]["name"], spec["num_classes"]  # checked by _read_spec
     if model_factory is not None:
         model = model_factory(num_classes=num_classes)
         if not isinstance(model, nn.Module):

@@ -36,12 +36,14 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path) -> None:
         cmd, cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 300
-    while len(finished_rows(run / "trials.parquet")) < 3:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next trial's fine-tuning
-    proc.send_signal(signal.SIGKILL)
+    try:
+        while len(finished_rows(run / "trials.parquet")) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next trial's fine-tuning
+    finally:  # a failed wait leaves no search running on
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {r["trial"]: r for r in finished_rows(run / "trials.parquet")}
     with sqlite3.connect(run / "study.db") as db:
