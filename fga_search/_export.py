@@ -34,6 +34,7 @@ from ._checkpoint import cpu_state_dict
 from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
 from ._errors import first_line, shorten
 from ._fga import with_cpu_execution
+from ._paths import check_out_path
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
 from ._runtime_latency import export_latency, write_onnx
 from ._runview import RunView, is_usable, read_run
@@ -305,15 +306,14 @@ def _check_out(out: object) -> tuple[str, str]:
     """The export folder (absolute) and the existing folder above it to stage the files in."""
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise ValueError(f"out must be a folder path, got {out!r}")
+    check_out_path(out)  # creatable: no file on the way, no name or path over the limits
     target = os.path.abspath(os.fspath(out))
     if os.path.lexists(target):
         if not os.path.isdir(target):
             raise ValueError(f"--out {target} exists and is not a folder")
         if os.listdir(target):
             _earlier_export(target)
-    anchor = _nearest_existing(os.path.dirname(target))
-    if not os.path.isdir(anchor):
-        raise ValueError(f"--out {target}: cannot create it, {anchor} is not a folder")
+    anchor = _nearest_existing(os.path.dirname(target))  # a folder: check_out_path saw to it
     try:  # a real probe: permissions alone say little (root, read-only file systems)
         os.rmdir(tempfile.mkdtemp(prefix=".fga-export-probe-", dir=anchor))
     except OSError as exc:

@@ -34,7 +34,7 @@ def check_out_path(out: str | os.PathLike[str], *, option: str = "--out") -> Non
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     if existing != path and not os.path.isdir(existing):
-        raise ValueError(f"{option} {shorten(out)!r}: {shorten(existing, 200)} is not a folder")
+        raise ValueError(f"{option} {path}: cannot create it, {existing} is not a folder")
     name_max, path_max = _limits(path)
     for name in path.split(os.sep):
         size = len(os.fsencode(name))
