@@ -195,7 +195,7 @@ def _unreadable(folder: RunFolder, why: str) -> ValueError:
 
 def _sqlite_trials(folder: RunFolder) -> dict[str, list[tuple[int, str]]]:
     """Each study's trials (number, state) in the run folder's study.db, read without writing
-    (sqlite read-only): {} for no file or an empty one. ``ValueError`` if it is no SQLite
+    (sqlite read-only; a hot journal is rolled back first): {} for no file or an empty one. ``ValueError`` if it is no SQLite
     database, or a damaged one."""
     path = folder.study_db
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
@@ -203,7 +203,11 @@ def _sqlite_trials(folder: RunFolder) -> dict[str, list[tuple[int, str]]]:
     try:
         with open(path, "rb"):  # an unreadable file: one line, not sqlite's "unable to open"
             pass
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # A writer killed mid-transaction (SIGKILL) leaves a hot journal, which SQLite rolls back
+        # on the next open, back to the last commit: its own crash recovery, which Optuna's open
+        # would do too, and which needs write access. Only then is the file opened for writing.
+        hot = os.path.isfile(path + "-journal") and os.path.getsize(path + "-journal") > 0
+        db = sqlite3.connect(path if hot else f"file:{path}?mode=ro", uri=not hot)
         try:
             check = db.execute("PRAGMA quick_check").fetchall()
             if check != [("ok",)]:

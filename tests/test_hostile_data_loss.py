@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,6 +123,34 @@ def test_a_run_resumed_through_a_symlink_then_by_its_real_path_loses_nothing(
     assert len(after) == 5 and len(rows(real / "trials.parquet")) == 5
     same_rows(through_link, after)
     assert len(studies(real)) == 1
+
+
+_KILLED_WRITER = """
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size=1")  # spill to the file mid-transaction, as a big write does
+db.execute("BEGIN")
+db.execute("CREATE TABLE junk (x)")
+db.executemany("INSERT INTO junk VALUES (randomblob(500))", [()] * 2000)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_killed_mid_write_of_its_study_resumes(base_run: Path, tmp_path: Path, in_home: Path) -> None:
+    """A SIGKILL during a study write leaves a hot journal: SQLite's crash recovery rolls it back,
+    and the run resumes (a read-only check of the study refused it: CI's Ray killed-driver case)."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run, symlinks=True)
+    before = finished(run)
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(run / "study.db")], check=False)
+    assert (run / "study.db-journal").stat().st_size > 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # the journal is hot
+        sqlite3.connect(f"file:{run / 'study.db'}?mode=ro", uri=True).execute("PRAGMA quick_check")
+    result = search(out=str(run), trials=5, **SEARCH)  # type: ignore[arg-type]
+    assert result.finished == 5
+    same_rows(before, finished(run))
+    with sqlite3.connect(run / "study.db") as db:  # the killed transaction was rolled back
+        assert "junk" not in {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
 
 
 @pytest.mark.parametrize("extra_study", [False, True])
