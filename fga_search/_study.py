@@ -291,7 +291,9 @@ def check_resumable(folder: RunFolder, config: RunConfig) -> str:
         except KeyError:
             held = set()
         except Exception as exc:
-            raise ValueError(f"cannot open the Optuna storage {config.storage!r}: {exc}") from None
+            raise ValueError(
+                f"cannot open the Optuna storage {redact_url(config.storage)!r}: {first_line(exc)}"
+            ) from None
         else:
             held = {t.number for t in storage.get_all_trials(study_id, deepcopy=False)}
         where = f"the study {name!r} in --storage"

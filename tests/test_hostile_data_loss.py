@@ -413,3 +413,18 @@ def test_load_exported_builds_zoo_and_torchvision_names_without_opting_in(tmp_pa
         x = torch.randn(*shape)
         with torch.no_grad():
             torch.testing.assert_close(load_exported(folder)(x), model.eval()(x))
+
+
+def test_the_resume_check_names_a_storage_without_its_password(tmp_path: Path) -> None:
+    """check_resumable's storage error shows the URL as open_study does: password redacted."""
+    from types import SimpleNamespace
+
+    from fga_search._runfolder import RunFolder
+    from fga_search._study import check_resumable
+
+    config = SimpleNamespace(study_name="s", storage="postgresql://u:secret@127.0.0.1:1/db")
+    with pytest.raises(ValueError, match="cannot open the Optuna storage") as info:
+        check_resumable(RunFolder(str(tmp_path)), config)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "secret" not in message and "postgresql://u:***@127.0.0.1:1/db" in message
+    assert "\n" not in message
