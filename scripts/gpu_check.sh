@@ -113,7 +113,10 @@ if [ "$QUALITY" = 1 ]; then
         echo "quality part: dry run: 2 trials per strategy instead (the fit above prices the CPU's toy figures)" | tee -a "$OUT/gpu.txt"
     fi
     QUALITY_ARGS+=(--trials "$TRIALS")
-    timeout "$LIMIT" "$PY" scripts/bench_quality.py --mode gpu --data-dir "$WORK/cifar10" --cases 0,2 --strategies uniform,search \
+    # VGG-16 (case 2) first: its final fine-tune takes about 5 s an epoch and has never finished on
+    # a GPU; ResNet-56's (case 0) takes 270-370 s, finished once (-0.31 at 5261652) and was cut at
+    # epoch 14 of 15 at effc8c3, when the machine ran slower
+    timeout "$LIMIT" "$PY" scripts/bench_quality.py --mode gpu --data-dir "$WORK/cifar10" --cases 2,0 --strategies uniform,search \
         --device "$DEV" --out "$WORK/fga-quality" --markdown "$OUT/results.md" ${QUALITY_ARGS[@]+"${QUALITY_ARGS[@]}"} 2>&1 | tee "$OUT/quality.txt"
     quality_rc=${PIPESTATUS[0]}
 fi
