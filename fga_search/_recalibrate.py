@@ -5,24 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._batchnorm import start_bn_recalibration
 from ._evaluate import autocast
 from ._loader import DeviceSplit
 
-__all__ = ["recalibrate_bn", "start_bn_recalibration"]
-
-
-def start_bn_recalibration(model: nn.Module) -> list[tuple[nn.Module, float | None]]:
-    """Reset every batch-norm layer's running statistics and put it in train mode with a
-    cumulative average, so that the next forward passes re-estimate them. Returns the layers with
-    their momentum, to restore afterwards."""
-    saved: list[tuple[nn.Module, float | None]] = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            saved.append((module, module.momentum))
-            module.reset_running_stats()
-            module.momentum = None
-            module.train()
-    return saved
+__all__ = ["recalibrate_bn"]
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._batchnorm import start_bn_recalibration
 from ._fga import FGAConv2d
-from ._recalibrate import start_bn_recalibration
 
 __all__ = ["LayerFit", "as_batch", "refine", "refinement_report"]
 

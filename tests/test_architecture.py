@@ -21,6 +21,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # compression, models, data and measurement; run-folder files (written by the search, read by all)
     "core": (
         "_atomic",
+        "_batchnorm",
         "_bn_fold",
         "_checkpoint",
         "_cifar_models",
