@@ -1,0 +1,121 @@
+"""Where the validation images come from (issue 28): a val/ folder, --val-dir, part of the test
+split on request, or the training split (with a warning, since the trained model learned them)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fga_search import load_dataset
+from fga_search._data import TRAIN_VALIDATION_WARNING
+
+
+def _tree(root: Path, splits: dict[str, int], classes: int = 3, size: int = 8, seed: int = 0) -> Path:
+    """An ImageFolder: split name -> images per class; every image differs from every other."""
+    rng = np.random.default_rng(seed)
+    for split, per_class in splits.items():
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.png"
+                )
+    return root
+
+
+def _rows(images: torch.Tensor) -> set[bytes]:
+    return {bytes(x.numpy().tobytes()) for x in images}
+
+
+def test_a_val_folder_beside_train_and_test_is_the_validation_split(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "d", {"train": 10, "val": 4, "test": 6})
+    data = load_dataset("imagefolder", data_dir=str(root))
+    assert data.val_source == "val/" and data.describe()["val_source"] == "val/"
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 12, 18)  # no training image held out
+    val_file = np.asarray(Image.open(root / "val" / "class2" / "3.png")).transpose(2, 0, 1)
+    assert bytes(val_file.tobytes()) in _rows(data.val.images)
+    assert not _rows(data.val.images) & (_rows(data.train.images) | _rows(data.test.images))
+    # a final fine-tune may use the user's validation images, never test images
+    assert len(data.final_training_split()) == 42
+    # asked for, the training split serves instead (the val/ folder is then unused)
+    forced = load_dataset("imagefolder", data_dir=str(root), val_from="train", val_fraction=0.2)
+    assert forced.val_source == "train" and (len(forced.train), len(forced.val)) == (24, 6)
+
+
+def test_val_dir_and_val_from_test(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "d", {"train": 10, "test": 10})
+    other = _tree(tmp_path / "v", {"held": 5}, seed=1) / "held"
+    data = load_dataset("imagefolder", data_dir=str(root), val_dir=str(other))
+    assert data.val_source == "val-dir" and (len(data.train), len(data.val), len(data.test)) == (30, 15, 30)
+
+    whole = load_dataset("imagefolder", data_dir=str(root))
+    assert whole.val_source == "train" and len(whole.train) == 27 and len(whole.test) == 30
+    part = load_dataset("imagefolder", data_dir=str(root), val_from="test", val_fraction=0.2)
+    assert part.val_source == "test"
+    assert (len(part.train), len(part.val), len(part.test)) == (30, 6, 24)
+    assert torch.bincount(part.val.labels).tolist() == [2, 2, 2]  # stratified
+    # validation and the test figures come from disjoint parts of the test split, which they make up
+    assert not _rows(part.val.images) & _rows(part.test.images)
+    assert _rows(part.val.images) | _rows(part.test.images) == _rows(whole.test.images)
+    assert len(part.final_training_split()) == 30  # never trains on test images
+    # on a dataset without folders too
+    digits = load_dataset("digits", val_from="test")
+    assert digits.val_source == "test" and len(digits.val) + len(digits.test) == 359
+
+
+def test_train_and_val_alone_keep_val_as_the_test_split(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "d", {"train": 10, "val": 4})
+    data = load_dataset("imagefolder", data_dir=str(root))
+    assert data.val_source == "train" and len(data.test) == 12 and len(data.train) + len(data.val) == 30
+    assert "training split" in TRAIN_VALIDATION_WARNING and "--val-dir" in TRAIN_VALIDATION_WARNING
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty val/", r"d/val has no class folders"),
+        (
+            "val/ classes differ",
+            r"d/val has other classes than the training images: missing \['class2'\], extra \['zebra'\]",
+        ),
+        (
+            "val/ image size differs",
+            r"d/val: images of shape \(3, 6, 6\) but the training images are \(3, 8, 8\); pass --image-size",
+        ),
+        ("val/ class without images", r"class folder .*d/val/class1 has no image files"),
+        ("missing --val-dir", r"val dir not found: .*nowhere"),
+        ("both", r"val_dir and val_from exclude each other"),
+        ("bad val_from", r"val_from must be 'train' or 'test', got 'val'"),
+    ],
+)
+def test_bad_validation_inputs_name_the_problem(tmp_path: Path, case: str, message: str) -> None:
+    root = _tree(tmp_path / "d", {"train": 4, "test": 2})
+    kwargs: dict[str, object] = {}
+    if case == "empty val/":
+        (root / "val").mkdir()
+    elif case == "val/ classes differ":
+        _tree(tmp_path / "x", {"val": 2})
+        shutil.move(tmp_path / "x" / "val", root / "val")
+        shutil.move(root / "val" / "class2", root / "val" / "zebra")
+    elif case == "val/ image size differs":
+        _tree(tmp_path / "x", {"val": 2}, size=6)
+        shutil.move(tmp_path / "x" / "val", root / "val")
+    elif case == "val/ class without images":
+        _tree(tmp_path / "x", {"val": 2})
+        shutil.move(tmp_path / "x" / "val", root / "val")
+        for f in (root / "val" / "class1").iterdir():
+            f.unlink()
+    elif case == "missing --val-dir":
+        kwargs["val_dir"] = str(tmp_path / "nowhere")
+    elif case == "both":
+        kwargs.update(val_dir=str(root / "test"), val_from="test")
+    else:
+        kwargs["val_from"] = "val"
+    with pytest.raises(ValueError, match=message):
+        load_dataset("imagefolder", data_dir=str(root), **kwargs)
