@@ -14,6 +14,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
     from ._checkpoint import WeightsError
+    from ._compress import compress
     from ._config import RunConfig
     from ._data import DataBundle, load_dataset
     from ._export import (
@@ -55,6 +56,7 @@ _LAZY: dict[str, str] = {
     "SearchResult": "._search",
     "WeightsError": "._checkpoint",
     "build_model": "._zoo",
+    "compress": "._compress",
     "count_flops": "._flops",
     "decomposable_layers": "._geometry",
     "decompose": "._surgery",
@@ -91,6 +93,7 @@ __all__ = [
     "WeightsError",
     "__version__",
     "build_model",
+    "compress",
     "count_flops",
     "decomposable_layers",
     "decompose",

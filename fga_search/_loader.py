@@ -38,6 +38,11 @@ class Normalization:
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> Normalization:
+        """The inverse of ``to_dict`` (a run's ``run.json`` records its model's normalization)."""
+        return cls(mean=tuple(data["mean"]), std=tuple(data["std"]))
+
     def apply(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if images.shape[1] != len(self.mean):
             raise ValueError(

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 from optuna.trial import TrialState
 
+from ._compress import trial_seed_of
 from ._config import RunConfig
 from ._latency_aim import estimate_bias, latency_aim
 from ._pareto import best_row, front_rows, knee_index
@@ -68,7 +69,7 @@ def trial_seed(config: RunConfig, number: int) -> int:
     """Every trial of a run uses the same seed (common random numbers): the same BN-recalibration
     images, refinement samples and fine-tuning order, so that trials differ by their plans only."""
     del number
-    return config.seed % (2**31)
+    return trial_seed_of(config.seed)
 
 
 def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:

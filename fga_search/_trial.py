@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compress import build_refined, calibration_batch
 from ._data import DataBundle
 from ._evaluate import evaluate
 from ._finetune import FinetuneConfig, TeacherCache, amp_dtype_for, finetune
@@ -22,7 +23,6 @@ from ._flops import ModelProfile, measure_macs
 from ._loader import DeviceSplit, Normalization
 from ._plan import KEEP, Plan
 from ._recalibrate import recalibrate_bn
-from ._surgery import decompose
 from .latency import Target, measure_as_exported, measure_side_by_side_as_exported
 
 __all__ = ["OverBudget", "TrialOutcome", "TrialRunner", "TrialSettings", "resolve_device"]
@@ -136,8 +136,7 @@ class TrialRunner:
         self._test_split = data.test
         self._split_kwargs = split
         self._test: DeviceSplit | None = None
-        gen = torch.Generator().manual_seed(seed)
-        self.calibration = next(self.train.batches(settings.calibration, shuffle=True, generator=gen)).x
+        self.calibration = calibration_batch(self.train, settings.calibration, seed=seed)
         self.teacher = TeacherCache(self.model, self.train, num_classes=data.num_classes)
         self.amp = amp_dtype_for(device)
 
@@ -157,11 +156,7 @@ class TrialRunner:
 
     def build(self, plan: Plan, *, seed: int) -> nn.Module:
         """The plan's model, SVD-initialised and refined on the calibration batch."""
-        if all(choice == KEEP for choice in plan.values()):
-            import copy
-
-            return copy.deepcopy(self.model)
-        return decompose(self.model, plan, self.calibration, mode=self.settings.refine_mode, seed=seed)
+        return build_refined(self.model, plan, self.calibration, mode=self.settings.refine_mode, seed=seed)
 
     def run(self, plan: Plan, *, seed: int, on_phase: Callable[[str], None] | None = None) -> TrialOutcome:
         """Run the trial's phases; exceptions (a NaN loss, out of memory) propagate to the caller."""

@@ -24,6 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_batchnorm",
         "_bn_fold",
         "_checkpoint",
+        "_compress",
         "_cifar_models",
         "_cost",
         "_cpu_execution",
