@@ -261,7 +261,7 @@ def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     """A run searched for ``cpu:1`` at batch 2 in bf16, channels_last: the export chooses its CPU
     execution and batch-norm fold, and measures its latency, on that target, not at batch 1 in
     float32, NCHW."""
-    import fga_search._export as export_module
+    import fga_search._export_execution as export_module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     seen: list[Target] = []
@@ -732,7 +732,8 @@ def test_onnx_export_of_an_average_pool_to_a_size_that_does_not_divide(
     [(5e-5, 0.5, True), (2e-4, 0.5, False), (0.05, 3100.0, True), (0.4, 3100.0, False)],
 )
 def test_verification_tolerance_scales_with_the_outputs(diff: float, scale: float, ok: bool) -> None:
-    from fga_search._export import TOLERANCE, ExportVerificationError, _check
+    from fga_search._export import TOLERANCE, ExportVerificationError
+    from fga_search._export_verify import check as _check
 
     limit = TOLERANCE * max(1.0, scale)  # as export() sets it: untrained nets' logits reach 1e3
     if ok:
