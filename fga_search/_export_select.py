@@ -93,15 +93,8 @@ def check_options(
         isinstance(finetune_batch_size, int) and is_int(finetune_batch_size) and finetune_batch_size >= 1
     ):
         raise ValueError(f"finetune_batch_size must be an integer >= 1, got {finetune_batch_size!r}")
-    return ExportOptions(
-        pick=chosen,
-        formats=kinds,
-        finetune_epochs=float(finetune_epochs),
-        finetune_lr=finetune_lr,
-        finetune_batch_size=finetune_batch_size,
-        latency_runs=latency_runs,
-        quiet=quiet,
-    )
+    epochs = float(finetune_epochs)
+    return ExportOptions(chosen, kinds, epochs, finetune_lr, finetune_batch_size, latency_runs, quiet)
 
 
 def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from torch import nn
 from ._bn_fold import folded_copy
 from ._export_execution import ExecutionChoice
 from ._export_spec import is_int, is_number
-from ._runtime_latency import export_latency, latency_header, onnxruntime_latency
+from ._runtime_latency import export_latency
 from ._runview import RunView
 from .latency import Target
 
@@ -112,31 +112,22 @@ def time_export(
     ``onnx_file``, in ONNX Runtime."""
     if not runs:
         return None
-    if reused is None:
-        folded_original = folded_copy(copy.deepcopy(original).cpu().eval()) if execution.folded else None
-        return export_latency(
-            loaded,
-            original,
-            folded_original=folded_original,
-            input_shape=input_shape,
-            target=target,
-            runs=runs,
-            onnx=onnx_file is not None,
-            onnx_file=onnx_file,
-            scratch=scratch,
-        )
-    out = latency_header(target, runs if onnx_file is not None else reused.runs)
-    out["measured"] = f"PyTorch {SEARCH_MEASURED}"
-    out["pytorch"] = reused.entry()
-    if onnx_file is not None:
-        out["measured"] += "; ONNX Runtime side by side in the exporting process, medians"
-        out["onnxruntime"] = onnxruntime_latency(
-            loaded,
-            original,
-            input_shape=input_shape,
-            target=target,
-            runs=runs,
-            onnx_file=onnx_file,
-            scratch=scratch,
+    folded = execution.folded and reused is None  # the search's original: folded alike already
+    out = export_latency(
+        loaded,
+        original,
+        folded_original=folded_copy(copy.deepcopy(original).cpu().eval()) if folded else None,
+        input_shape=input_shape,
+        target=target,
+        runs=runs,
+        onnx=onnx_file is not None,
+        onnx_file=onnx_file,
+        scratch=scratch,
+        pytorch=None if reused is None else {"pytorch": reused.entry()},
+    )
+    if reused is not None:
+        out["runs"] = runs if onnx_file is not None else reused.runs
+        out["measured"] = f"PyTorch {SEARCH_MEASURED}" + (
+            "; ONNX Runtime side by side in the exporting process, medians" if onnx_file is not None else ""
         )
     return out

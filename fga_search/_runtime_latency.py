@@ -30,10 +30,7 @@ from .latency import Target, measure_side_by_side
 __all__ = [
     "export_latency",
     "interleaved",
-    "latency_header",
     "onnx_files_latency",
-    "onnxruntime_latency",
-    "pytorch_latency",
     "write_onnx",
 ]
 
@@ -108,7 +105,7 @@ def _entry(ms: float, original_ms: float) -> dict[str, float]:
     return {"ms": ms, "original_ms": original_ms, "ratio": ms / original_ms}
 
 
-def latency_header(target: Target, runs: int) -> dict[str, Any]:
+def _header(target: Target, runs: int) -> dict[str, Any]:
     """Where and how ``latency_at_export`` was measured: the CPU ``target`` (its hardware,
     threads, batch, dtype and memory format) and the runs."""
     return {
@@ -127,7 +124,7 @@ def _check_runs(runs: object) -> None:
         raise ValueError(f"latency runs must be an integer >= 10, got {runs!r}")
 
 
-def pytorch_latency(
+def _pytorch_latency(
     model: nn.Module,
     original: nn.Module,
     *,
@@ -148,7 +145,7 @@ def pytorch_latency(
     return out
 
 
-def onnxruntime_latency(
+def _onnxruntime_latency(
     model: nn.Module,
     original: nn.Module,
     *,
@@ -199,19 +196,23 @@ def export_latency(
     onnx: bool = False,
     onnx_file: str | None = None,
     scratch: str | None = None,
+    pytorch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """CPU latency of ``model`` and ``original`` on ``target`` (a CPU target: its threads, batch,
     dtype and memory format; None: PyTorch's threads, batch 1, float32, NCHW), measured side by
-    side: in eager PyTorch (:func:`pytorch_latency`), and in ONNX Runtime
-    (:func:`onnxruntime_latency`) when ``onnx``. Medians of ``runs`` runs. ``folded_original``
+    side: in eager PyTorch (:func:`_pytorch_latency`), and in ONNX Runtime
+    (:func:`_onnxruntime_latency`) when ``onnx``. Medians of ``runs`` runs. ``folded_original``
     (the original with its batch norms folded, when the export folded the model's): also timed in
     PyTorch, so that the gain of the fold itself is not credited to the compression
-    (``"pytorch_vs_folded_original"``); ONNX Runtime folds batch norms in both graphs itself."""
+    (``"pytorch_vs_folded_original"``); ONNX Runtime folds batch norms in both graphs itself.
+    ``pytorch``: the PyTorch entries measured already (by the search), taken instead of timing."""
     _check_runs(runs)
     target = cpu_target(target)
-    out = latency_header(target, runs)
+    out = _header(target, runs)
     out.update(
-        pytorch_latency(
+        pytorch
+        if pytorch is not None
+        else _pytorch_latency(
             model,
             original,
             folded_original=folded_original,
@@ -221,7 +222,7 @@ def export_latency(
         )
     )
     if onnx:
-        out["onnxruntime"] = onnxruntime_latency(
+        out["onnxruntime"] = _onnxruntime_latency(
             model,
             original,
             input_shape=input_shape,
