@@ -843,6 +843,13 @@ def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
     code = main(["export", str(run), "--out", str(out), "--format", "torchscript", "--latency-runs", "0"])
     assert code == 0, capfd.readouterr().err
     assert sorted(os.listdir(out)) == ["model.pt", "model.torchscript.pt", "spec.json"]
+    # failing over that earlier export (after its model is rebuilt and written to the staging
+    # folder): the earlier export stays as it was, byte for byte, and no staging folder is left
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    code = main(["export", str(run), "--out", str(out), "--format", "onnx", "--latency-runs", "0"])
+    assert code == 2 and "cannot export the model to ONNX" in capfd.readouterr().err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["export", "run"]
     x = torch.randn(3, 1, 8, 8)
     # a user factory: imported and called only when the caller trusts it (or passes it)
     with pytest.raises(ValueError, match="trust_model_code=True"):
