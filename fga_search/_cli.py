@@ -308,6 +308,11 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
         f"latency on this CPU ({lat['device']}, batch {lat.get('batch', 1)}, {dtype}, {layout}"
         f"medians of {lat['runs']} runs side by side): " + "; ".join(cells)
     )
+    if lat["pytorch"].get("measured_by") == "search":
+        print(
+            "          PyTorch: the search's measurement of this front member, as exported, against the "
+            "original with its batch norms folded alike; not timed again"
+        )
     fair = lat.get("pytorch_vs_folded_original")
     if fair:
         print(

@@ -72,7 +72,18 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_trial",
     ),
     # exporting a run's pick, with the runtimes' latency
-    "deploy": ("_export", "_onnx_pool", "_runtime_latency"),
+    "deploy": (
+        "_export",
+        "_export_build",
+        "_export_execution",
+        "_export_select",
+        "_export_spec",
+        "_export_time",
+        "_export_verify",
+        "_export_write",
+        "_onnx_pool",
+        "_runtime_latency",
+    ),
     "cli": ("_cli",),
     "api": ("",),  # the package itself (fga_search/__init__.py)
 }

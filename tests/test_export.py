@@ -44,6 +44,28 @@ def run_model(run_dir: Path, row: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def searched_latency(run_dir: Path, row: dict, spec: dict) -> bool:
+    """Whether the export of front member ``row`` took the search's PyTorch latency
+    (front_latency.json) instead of timing it again; if so, the figures are the search's,
+    verbatim, and the model runs as the search timed it: as many block-diagonal and dense FGA
+    layers, its batch norms folded, not fine-tuned further."""
+    pytorch = spec["latency_at_export"]["pytorch"]
+    if pytorch.get("measured_by") != "search":
+        assert set(pytorch) == {"ms", "original_ms", "ratio"}  # timed by the export
+        return False
+    recorded = json.loads((run_dir / "front_latency.json").read_text())
+    key = str(row["trial"])
+    assert pytorch["ms"] == row["cpu_latency_ms"] == recorded["trials"][key]
+    assert pytorch["ratio"] == row["cpu_latency_ratio"]
+    assert pytorch["original_ms"] == recorded["original_ms"] and pytorch["runs"] == recorded["runs"] == 30
+    ways = list(spec["cpu_execution"]["layers"].values())
+    assert ways.count("block_diagonal") == recorded["block_diagonal_layers"][key]
+    assert ways.count("dense") == recorded["dense_layers"][key]
+    assert spec["bn_fold"]["kept"] and spec["finetune"] is None
+    assert spec["latency_at_export"]["measured"].startswith("PyTorch by the search")
+    return True
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_best_round_trips_in_every_format(
@@ -149,11 +171,15 @@ def test_export_best_round_trips_in_every_format(
         r = lat[runtime]
         assert 0 < r["ms"] < 1000 and 0 < r["original_ms"] < 1000
         assert r["ratio"] == pytest.approx(r["ms"] / r["original_ms"], rel=1e-12)
-    # with the fold kept, also against the original folded alike (the fold's own gain is not the plan's)
     fair = lat.get("pytorch_vs_folded_original")
-    assert (fair is not None) == fold["kept"]
-    if fair:
-        assert fair["ms"] == lat["pytorch"]["ms"] and 0 < fair["original_ms"] < 1000
+    if searched_latency(run_dir, best, spec):
+        # the search timed this front member as exported here: its figures, not timed again
+        assert fair is None  # the search's original: its batch norms folded alike
+    else:
+        # with the fold kept, also against the original folded alike (the fold's own gain is not the plan's)
+        assert (fair is not None) == fold["kept"]
+        if fair:
+            assert fair["ms"] == lat["pytorch"]["ms"] and 0 < fair["original_ms"] < 1000
     # model.pt holds plain tensors only
     state = torch.load(out / "model.pt", weights_only=True)
     assert isinstance(state, dict) and all(type(v) is torch.Tensor for v in state.values())
@@ -261,7 +287,7 @@ def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     """A run searched for ``cpu:1`` at batch 2 in bf16, channels_last: the export chooses its CPU
     execution and batch-norm fold, and measures its latency, on that target, not at batch 1 in
     float32, NCHW."""
-    import fga_search._export as export_module
+    import fga_search._export_execution as export_module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     seen: list[Target] = []
@@ -308,6 +334,123 @@ def test_final_finetune_on_train_and_val(
     assert measure_macs(with_cpu_execution(loaded, "grouped"), input_shape=(1, 8, 8)) == knee["macs"]
     recipe = spec["finetune"]["recipe"]
     assert recipe["lr"] == 0.02 and recipe["batch_size"] == 128  # the run's
+
+
+def _counting_pytorch_timings(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Each call of the export's PyTorch latency timing (``measure_side_by_side`` in
+    ``_runtime_latency``), recorded by name of the models timed; the real function runs."""
+    import fga_search._runtime_latency as runtime_latency
+
+    calls: list[tuple[str, ...]] = []
+    real = runtime_latency.measure_side_by_side
+
+    def counting(models: dict, **kwargs: Any) -> dict[str, float]:
+        calls.append(tuple(models))
+        return real(models, **kwargs)
+
+    monkeypatch.setattr(runtime_latency, "measure_side_by_side", counting)
+    return calls
+
+
+@pytest.mark.slow
+def test_the_search_timing_of_a_front_member_is_reused_only_for_the_model_it_timed(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search timed each front member on this CPU as the export runs it (front_latency.json):
+    for that model the export takes the figures and times nothing; a fine-tuned model, another
+    trial, another target or another execution is timed again."""
+    from fga_search._export_execution import ExecutionChoice
+    from fga_search._export_time import FRONT_TARGET, search_timing, time_export
+    from fga_search._runview import read_run
+
+    view = read_run(str(run_dir))
+    recorded = json.loads((run_dir / "front_latency.json").read_text())
+    member = next(r for r in view.front if r["is_best"])
+    key = str(member["trial"])
+    pairs = [n for n, c in load_plan(member["plan"]).items() if c != "keep"]
+    ways = ["block_diagonal"] * recorded["block_diagonal_layers"][key] + ["dense"] * recorded["dense_layers"][
+        key
+    ]
+    assert len(ways) <= len(pairs)
+    layers = dict(zip(pairs, ways, strict=False))
+    bn = {"pairs": {"features.0": "features.1"}, "kept": True}
+    same = ExecutionChoice(cpu_execution={"layers": layers, "kept": bool(layers)}, bn_fold=bn)
+    timing = search_timing(view, member["trial"], finetuned=False, target=FRONT_TARGET, execution=same)
+    assert timing is not None
+    assert (timing.ms, timing.ratio) == (member["cpu_latency_ms"], member["cpu_latency_ratio"])
+    assert (timing.original_ms, timing.runs) == (recorded["original_ms"], recorded["runs"])
+    # any other model, or another place, is timed again
+    other = {pairs[0]: "dense"} if not layers else dict(list(layers.items())[1:])
+    unfolded = ExecutionChoice(cpu_execution=same.cpu_execution, bn_fold={**bn, "kept": False})
+    front = {r["trial"] for r in view.front}
+    elsewhere = next(r["trial"] for r in view.usable if r["trial"] not in front)  # a trial off the front
+    for trial, finetuned, target, execution in (
+        (member["trial"], True, FRONT_TARGET, same),  # fine-tuned further
+        (elsewhere, False, FRONT_TARGET, same),
+        (member["trial"], False, Target("cpu", 1), same),
+        (member["trial"], False, Target("cpu", None, 2), same),
+        (member["trial"], False, FRONT_TARGET, ExecutionChoice(cpu_execution={"layers": other}, bn_fold=bn)),
+        (member["trial"], False, FRONT_TARGET, unfolded),
+        (member["trial"], False, FRONT_TARGET, ExecutionChoice()),  # nothing chosen (no timing)
+    ):
+        assert search_timing(view, trial, finetuned=finetuned, target=target, execution=execution) is None
+    # the time stage: with the search's figures it times nothing in PyTorch, else it times once
+    calls = _counting_pytorch_timings(monkeypatch)
+    model, original = run_model(run_dir, member), build_model("digits_cnn", num_classes=10).eval()
+    args: dict[str, Any] = dict(input_shape=(1, 8, 8), target=FRONT_TARGET, runs=10, onnx_file=None)
+    lat = time_export(model, original, execution=same, reused=timing, scratch=str(tmp_path), **args)
+    assert calls == [] and lat is not None
+    assert lat["pytorch"] == timing.entry() and lat["pytorch"]["measured_by"] == "search"
+    assert lat["runs"] == recorded["runs"] and "pytorch_vs_folded_original" not in lat
+    lat = time_export(model, original, execution=same, reused=None, scratch=str(tmp_path), **args)
+    assert calls == [("model", "original", "folded original")] and lat is not None
+    assert "measured_by" not in lat["pytorch"] and lat["runs"] == 10
+    assert set(lat["pytorch_vs_folded_original"]) == {"ms", "original_ms", "ratio"}
+
+
+@pytest.mark.slow
+def test_an_export_times_only_what_the_search_did_not(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: the best front member, exported as the search timed it, takes the search's
+    PyTorch latency and times its model no more; fine-tuned further, or a trial off the front,
+    it is timed at export."""
+    calls = _counting_pytorch_timings(monkeypatch)
+    front = rows(run_dir / "pareto.parquet")
+    best = next(r for r in front if r["is_best"])
+    result = export(str(run_dir), out=str(tmp_path / "best"), latency_runs=10, device="cpu", quiet=True)
+    timed = (
+        [("model", "original", "folded original")]
+        if result.spec["bn_fold"]["kept"]
+        else [("model", "original")]
+    )
+    assert calls == ([] if searched_latency(run_dir, best, result.spec) else timed)
+    calls.clear()
+    result = export(
+        str(run_dir),
+        out=str(tmp_path / "ft"),
+        finetune_epochs=0.25,
+        latency_runs=10,
+        device="cpu",
+        quiet=True,
+    )
+    assert len(calls) == 1 and calls[0][:2] == ("model", "original")
+    assert not searched_latency(run_dir, best, result.spec) and result.spec["latency_at_export"]["runs"] == 10
+    calls.clear()
+    on_front = {r["trial"] for r in front}
+    other = next(
+        r for r in rows(run_dir / "trials.parquet") if r["status"] == "ok" and r["trial"] not in on_front
+    )
+    result = export(
+        str(run_dir),
+        pick=other["trial"],
+        out=str(tmp_path / "other"),
+        latency_runs=10,
+        device="cpu",
+        quiet=True,
+    )
+    assert result.rebuilt and len(calls) == 1 and calls[0][:2] == ("model", "original")
+    assert "measured_by" not in result.spec["latency_at_export"]["pytorch"]
 
 
 def _knee_export_args(run_dir: Path, out: Path) -> list[str]:
@@ -448,12 +591,15 @@ def test_export_command_prints_a_summary(
         r = lat[key]
         assert f"{name} {r['ratio']:.2f}x the original ({r['ms']:.3g} vs {r['original_ms']:.3g} ms)" in line
     fair = lat.get("pytorch_vs_folded_original")
+    best = next(r for r in rows(run_dir / "pareto.parquet") if r["is_best"])
+    searched = searched_latency(run_dir, best, spec)
+    assert ("PyTorch: the search's measurement of this front member" in text) == searched
     assert (
         fair is not None
         and f"against the original with its batch norms folded alike: PyTorch {fair['ratio']:.2f}x "
         f"({fair['ms']:.3g} vs {fair['original_ms']:.3g} ms)"
         in text
-    ) == fold["kept"]
+    ) == (fold["kept"] and not searched)
     slower = [
         name
         for name, key in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime"))
@@ -697,6 +843,13 @@ def test_a_format_the_model_cannot_take_is_one_line_and_writes_nothing(
     code = main(["export", str(run), "--out", str(out), "--format", "torchscript", "--latency-runs", "0"])
     assert code == 0, capfd.readouterr().err
     assert sorted(os.listdir(out)) == ["model.pt", "model.torchscript.pt", "spec.json"]
+    # failing over that earlier export (after its model is rebuilt and written to the staging
+    # folder): the earlier export stays as it was, byte for byte, and no staging folder is left
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    code = main(["export", str(run), "--out", str(out), "--format", "onnx", "--latency-runs", "0"])
+    assert code == 2 and "cannot export the model to ONNX" in capfd.readouterr().err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["export", "run"]
     x = torch.randn(3, 1, 8, 8)
     # a user factory: imported and called only when the caller trusts it (or passes it)
     with pytest.raises(ValueError, match="trust_model_code=True"):
@@ -732,7 +885,8 @@ def test_onnx_export_of_an_average_pool_to_a_size_that_does_not_divide(
     [(5e-5, 0.5, True), (2e-4, 0.5, False), (0.05, 3100.0, True), (0.4, 3100.0, False)],
 )
 def test_verification_tolerance_scales_with_the_outputs(diff: float, scale: float, ok: bool) -> None:
-    from fga_search._export import TOLERANCE, ExportVerificationError, _check
+    from fga_search._export import TOLERANCE, ExportVerificationError
+    from fga_search._export_verify import check as _check
 
     limit = TOLERANCE * max(1.0, scale)  # as export() sets it: untrained nets' logits reach 1e3
     if ok:
