@@ -57,13 +57,10 @@ def rebuild(
 
 
 def _full_training_split(setup: SearchSetup, runner: TrialRunner) -> DeviceSplit:
-    from ._data import Split
+    """The training and validation images (not validation images taken from the test split)."""
     from ._loader import DeviceSplit
 
-    data = setup.data
-    full = Split(
-        torch.cat([data.train.images, data.val.images]), torch.cat([data.train.labels, data.val.labels])
-    )
+    full = setup.data.final_training_split()
     return DeviceSplit(
         full, device=runner.device, normalization=setup.normalization, channels_last=runner.channels_last
     )
@@ -108,9 +105,10 @@ def _final_finetune(
             flush=True,
         )
 
+    what = "train" if setup.data.val_source == "test" else "train+val"  # never the test split's images
     if not quiet:
         print(
-            f"final fine-tune: {config.epochs:g} epochs on {len(split)} train+val images, batch "
+            f"final fine-tune: {config.epochs:g} epochs on {len(split)} {what} images, batch "
             f"{config.batch_size}, peak learning rate {config.lr:g}, the original as teacher",
             file=sys.stderr,
             flush=True,
@@ -129,7 +127,7 @@ def _final_finetune(
         recalibrate_bn(model, split, images=setup.settings.recalibration, seed=seed, amp_dtype=runner.amp)
     return {
         "epochs": float(epochs),
-        "data": "train+val",
+        "data": what,
         "images": len(split),
         "steps": stats.steps,
         "final_loss": None if math.isnan(stats.final_loss) else stats.final_loss,
