@@ -56,6 +56,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_baseline_cache",
         "_config",
         "_latency_aim",
+        "_option",
         "_policy",
         "_quickstart",
         "_ray_backend",
@@ -69,7 +70,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # exporting a run's pick, with the runtimes' latency
     "deploy": ("_export", "_onnx_pool", "_runtime_latency"),
-    "cli": ("_cli",),
+    "cli": ("_cli", "_cli_commands"),
     "api": ("",),  # the package itself (fga_search/__init__.py)
 }
 
