@@ -11,12 +11,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from ._latency_target import DTYPES
 from ._option import option, option_of, options_doc
 from ._paths import check_out_path
 from ._storage import check_storage_url
 from ._strategies import STRATEGIES
 from ._study import SAMPLERS
-from .latency import DTYPES
 
 if TYPE_CHECKING:
     from .latency import Target

@@ -210,10 +210,10 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
 
     from fga_search._cli import _parser
     from fga_search._config import RunConfig
+    from fga_search._latency_target import DTYPES
     from fga_search._option import option_of
     from fga_search._strategies import STRATEGIES
     from fga_search._study import SAMPLERS
-    from fga_search.latency import DTYPES
 
     actions = [a for a in _parser()._actions if a.dest != "help"]
     by_dest = {a.dest: a for a in actions}
