@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_finetune",
         "_flops",
         "_geometry",
+        "_group_svd",
         "_latency_measure",
         "_latency_table",
         "_latency_target",
