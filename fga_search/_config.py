@@ -15,17 +15,18 @@ from ._latency_target import DTYPES
 from ._option import option, option_of, options_doc
 from ._paths import check_out_path
 from ._storage import check_storage_url
-from ._strategies import STRATEGIES
 from ._study import SAMPLERS
 
 if TYPE_CHECKING:
     from .latency import Target
 
-__all__ = ["BUDGET_METRICS", "RunConfig"]
+__all__ = ["BUDGET_METRICS", "STRATEGIES", "RunConfig"]
 
 BUDGET_METRICS = ("flops", "params", "latency")
 OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
+# the search, or a rule-based baseline (fga_search._strategies makes their plans)
+STRATEGIES = ("search", "uniform", "error-alloc", "random")
 MEMORY_FORMATS = ("nchw", "channels_last")
 MAX_SEED = 2**31 - 1  # the samplers seed numpy, which takes seeds below 2**32; a run adds to its seed
 

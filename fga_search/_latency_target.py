@@ -1,17 +1,22 @@
-"""Where latency is measured: the ``Target`` (device, threads, batch, dtype, memory format)."""
+"""Where latency is measured: the ``Target`` (device, threads, batch, dtype, memory format).
+
+It imports torch only when a method needs it: ``RunConfig`` checks a ``--target`` with it, and
+``fga-search --help`` lists ``DTYPES``, without loading torch."""
 
 from __future__ import annotations
 
 import os
 import platform
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DTYPES", "Target", "cpu_cores"]
 
-# the dtypes a target runs in, by the name --target-dtype takes
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the dtypes a target runs in: the name --target-dtype takes -> the torch dtype's name
+DTYPES = {"float32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def cpu_cores() -> int:
@@ -73,13 +78,20 @@ class Target:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        dtype: torch.dtype = getattr(torch, DTYPES[self.dtype])
+        return dtype
 
     def hardware(self) -> str:
+        import torch
+
         if self.device == "cpu":
             threads = self.threads or torch.get_num_threads()
             return f"{_cpu_name()} ({threads} threads)"
@@ -100,6 +112,8 @@ class Target:
 
     def key(self) -> str:
         """The lookup-table key of this target: hardware, dtype, batch and memory format."""
+        import torch
+
         layout = "channels_last" if self.channels_last else "nchw"
         return f"{self.hardware()}|{self.dtype}|batch {self.batch}|{layout}|torch {torch.__version__}"
 

@@ -208,11 +208,11 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     choices of the registries behind them: nothing is restated in the command line."""
     from dataclasses import MISSING, fields
 
+    from fga_search import _strategies
     from fga_search._cli import _parser
-    from fga_search._config import RunConfig
+    from fga_search._config import STRATEGIES, RunConfig
     from fga_search._latency_target import DTYPES
     from fga_search._option import option_of
-    from fga_search._strategies import STRATEGIES
     from fga_search._study import SAMPLERS
 
     actions = [a for a in _parser()._actions if a.dest != "help"]
@@ -233,7 +233,7 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
             assert action.default == f.default and type(action.default) is type(f.default), f.name
     assert made_by_the_command_line == ["trials", "epochs", "out"]
     choices = {f.name: option_of(f).choices for f in cli_fields if option_of(f).choices}
-    assert choices["strategy"] is STRATEGIES
+    assert choices["strategy"] is STRATEGIES is _strategies.STRATEGIES  # what strategy_plans checks
     assert choices["sampler"] == tuple(SAMPLERS) == ("nsga2", "tpe", "random")
     assert choices["target_dtype"] == tuple(DTYPES) == ("float32", "bf16", "fp16")
     assert sorted(choices) == [
@@ -242,6 +242,24 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     # with no option given, the command line's config is RunConfig's defaults but for those it makes
     parsed = vars(_parser().parse_args([]))
     assert parsed == {f.name: None if f.name in made_by_the_command_line else f.default for f in cli_fields}
+
+
+def test_the_search_options_are_built_without_torch() -> None:
+    """``fga-search --help`` and the command line's own errors do not load torch: the choices'
+    registries (latency dtypes, samplers, strategies) are light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fga_search._cli import _parser; p = _parser(); p.format_help(); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'pandas', 'pyarrow', 'ray') if m in sys.modules), "
+        "len(p._actions))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]", "48"]  # 47 options and --help, none of the heavy modules
 
 
 def test_the_command_line_makes_the_run_folder_and_the_quickstart_defaults(tmp_path: Path) -> None:
