@@ -1,4 +1,9 @@
-"""A search's settings, validated at the boundary."""
+"""A search's settings, validated at the boundary: the one definition of the search's options.
+
+Each field of :class:`RunConfig` carries its command-line option (``Option``: help text, group,
+choices, ...) in its metadata; ``fga_search._cli`` builds the ``fga-search`` options from them,
+so a default, a choice list or a help text is written once, here or in the registry it names.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,33 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from ._latency_target import DTYPES
+from ._option import option, option_of, options_doc
 from ._paths import check_out_path
 from ._storage import check_storage_url
+from ._study import SAMPLERS
 
 if TYPE_CHECKING:
     from .latency import Target
 
-__all__ = ["BUDGET_METRICS", "SAMPLERS", "RunConfig"]
+__all__ = ["BUDGET_METRICS", "STRATEGIES", "RunConfig"]
 
-SAMPLERS = ("nsga2", "tpe", "random")
 BUDGET_METRICS = ("flops", "params", "latency")
 OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
-MEMORY_FORMATS = (None, "nchw", "channels_last")
+# the search, or a rule-based baseline (fga_search._strategies makes their plans)
+STRATEGIES = ("search", "uniform", "error-alloc", "random")
+MEMORY_FORMATS = ("nchw", "channels_last")
 MAX_SEED = 2**31 - 1  # the samplers seed numpy, which takes seeds below 2**32; a run adds to its seed
+
+# the option groups of ``fga-search --help``, in order
+WHAT, SEARCH, TRIAL, RAY, STORAGE = (
+    "what to compress",
+    "the search",
+    "each trial",
+    "Ray cluster (see docs/ray.md)",
+    "storage",
+)
 
 
 def _number(value: object) -> bool:
@@ -40,76 +58,182 @@ class RunConfig:
     ``budget_metric``), with the same default and the same checks: a bad value raises
     ``ValueError`` naming the option and the value when the config is made. Pass it to
     ``fga_search.search(config)``; ``run.json`` records it (``to_dict``). ``model=None`` and
-    ``dataset="digits"`` is the quickstart. The fields, by group:
-
-    * what to compress: ``model`` (zoo name, torchvision name or ``pkg.module:factory``),
-      ``weights`` (a state_dict, loaded with ``weights_only=True``), ``dataset`` (digits, cifar10,
-      cifar100, imagefolder), ``data_dir``, ``download``, ``image_size``;
-    * the search: ``out`` (the run folder; an existing one is resumed), ``budget`` (a fraction of
-      the original's cost, in (0, 1]), ``budget_metric`` (flops, params, latency), ``objective``,
-      ``trials``, ``epochs`` (fine-tuning per trial), ``sampler`` (nsga2, tpe, random),
-      ``population``, ``timeout`` (seconds), ``seed``, ``space`` (a shipped space or a YAML
-      path), ``strategy`` (search, or a baseline: uniform, error-alloc, random), ``warm_start``;
-    * latency: ``target`` (cpu, cpu:THREADS, cuda, cuda:N), ``target_batch``, ``target_dtype``,
-      ``target_memory_format``, ``front_latency_runs``;
-    * each trial: ``device``, ``batch_size``, ``lr``, ``compile``, ``cudnn_benchmark``,
-      ``device_data_gb``, ``workers``, ``calibration``, ``recalibration``, ``val_fraction``,
-      ``train_limit``, ``val_limit``, ``test_limit``;
-    * the Ray backend: ``backend`` (optuna, ray), ``ray_address``, ``gpus_per_trial``,
-      ``cpus_per_trial``, ``max_concurrent``, ``storage_path``, ``ray_dashboard``;
-    * storage and output: ``storage`` (an Optuna RDB URL), ``study_name``, ``quiet``.
-
-    ``fga-search --help`` describes each option at length.
+    ``dataset="digits"`` is the quickstart. Each field's default, flag, choices and help follow,
+    by group, as ``fga-search --help`` prints them (``out`` is the run folder; an existing one is
+    resumed; a "quickstart" default is the command line's, without ``--model``).
     """
 
-    out: str
-    model: str | None = None
-    weights: str | None = None
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    budget: float = 0.2
-    budget_metric: str = "flops"
-    objective: str = "accuracy,flops"
-    target: str | None = None  # where latency is measured: cpu, cpu:THREADS, cuda, cuda:N
-    target_batch: int = 1
-    target_dtype: str = "float32"
-    target_memory_format: str | None = None  # nchw or channels_last; None: channels_last on CUDA, nchw on CPU
-    # without a latency target: time the front's members on this CPU after the search (0: skip)
-    front_latency_runs: int = 30
-    trials: int = 40
-    epochs: float = 1.0
-    device: str | None = None
-    seed: int = 0
-    sampler: str = "nsga2"
-    population: int | None = None
-    timeout: float | None = None
-    batch_size: int = 128
-    lr: float = 0.02
-    workers: int = 0
-    space: str | None = None
-    storage: str | None = None
-    study_name: str | None = None
-    val_fraction: float = 0.1
-    train_limit: int | None = None
-    val_limit: int | None = None
-    test_limit: int | None = None
-    image_size: int | None = None
-    compile: bool = False
-    cudnn_benchmark: bool = False
-    device_data_gb: float = 8.0
-    calibration: int = 256
-    recalibration: int = 1024
-    strategy: str = "search"
-    warm_start: bool = True
-    backend: str = "optuna"
-    ray_address: str | None = None
-    gpus_per_trial: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    cpus_per_trial: float | None = None  # None: 1, or the N of a cpu:N latency target
-    max_concurrent: int | None = None
-    storage_path: str | None = None
-    ray_dashboard: bool = False
-    quiet: bool = False
+    # what to compress
+    model: str | None = option(
+        None,
+        help="zoo name (resnet56, vgg16_cifar, ...), torchvision name, or pkg.module:factory; "
+        "default: the quickstart's digits CNN",
+        group=WHAT,
+    )
+    weights: str | None = option(
+        None, help="the trained model's state_dict (loaded with weights_only=True)", group=WHAT
+    )
+    dataset: str = option("digits", help="{default} (default), cifar10, cifar100 or imagefolder", group=WHAT)
+    data_dir: str | None = option(
+        None,
+        help="dataset folder (torchvision's CIFAR format, or an ImageFolder tree with train/ and val/ or test/)",
+        group=WHAT,
+    )
+    download: bool = option(False, help="download CIFAR into --data-dir if missing", group=WHAT)
+    image_size: int | None = option(None, help="resize ImageFolder images to this size (pixels)", group=WHAT)
+    # the search
+    budget: float = option(
+        0.2, help="max cost as a fraction of the original's, in (0, 1] (default {default:g})", group=SEARCH
+    )
+    budget_metric: str = option(
+        "flops",
+        help="what --budget limits: FLOPs (default), params, or latency measured on --target",
+        group=SEARCH,
+        choices=BUDGET_METRICS,
+    )
+    trials: int = option(
+        40,
+        help="trials to finish, resumed runs included (default {default}; quickstart {quickstart})",
+        group=SEARCH,
+        quickstart=50,
+    )
+    epochs: float = option(
+        1.0,
+        help="fine-tuning epochs per trial, fractions allowed; 0 = no fine-tuning "
+        "(default {default:g}; quickstart {quickstart:g})",
+        group=SEARCH,
+        quickstart=3.0,
+    )
+    sampler: str = option(
+        "nsga2", help="Optuna sampler (default {default})", group=SEARCH, choices=tuple(SAMPLERS)
+    )
+    population: int | None = option(
+        None, help="NSGA-II population size (default: trials/4, 4..50)", group=SEARCH
+    )
+    space: str | None = option(
+        None,
+        help="search space: a shipped name (default, resnet_cifar, vgg_cifar, torchvision_resnet) or a YAML path",
+        group=SEARCH,
+    )
+    timeout: float | None = option(None, help="stop starting trials after this many seconds", group=SEARCH)
+    seed: int = option(
+        0, help="seed of the validation split, the sampler and the trials (default {default})", group=SEARCH
+    )
+    strategy: str = option(
+        "search",
+        help="search (default; warm-started from the rule-based plans), or a baseline: uniform, "
+        "error-alloc (data-free error allocation), random",
+        group=SEARCH,
+        choices=STRATEGIES,
+    )
+    warm_start: bool = option(
+        True,
+        help="start the search from random plans instead of the uniform and error-allocation plans",
+        group=SEARCH,
+    )
+    objective: str = option(
+        "accuracy,flops",
+        help="what the search trades off (default {default}); latency is measured on --target",
+        group=SEARCH,
+        choices=OBJECTIVES,
+    )
+    target: str | None = option(
+        None, help="the deployment target for latency: cpu, cpu:THREADS, cuda or cuda:N", group=SEARCH
+    )
+    target_batch: int = option(1, help="batch size on the target (default {default})", group=SEARCH)
+    target_dtype: str = option(
+        "float32", help="dtype on the target (default {default})", group=SEARCH, choices=tuple(DTYPES)
+    )
+    target_memory_format: str | None = option(
+        None,
+        help="memory format of the activations on the target (default channels_last on CUDA, nchw on CPU)",
+        group=SEARCH,
+        choices=MEMORY_FORMATS,
+    )
+    front_latency_runs: int = option(
+        30,
+        help="without --target, time the front's members and the original side by side on this CPU after "
+        "the search (batch 1, as exported), medians of this many runs (>= 10; 0 skips; default {default})",
+        group=SEARCH,
+    )
+    # each trial
+    device: str | None = option(None, help="cpu, cuda or cuda:N (default: cuda if available)", group=TRIAL)
+    batch_size: int = option(128, help="fine-tuning batch size (default {default})", group=TRIAL)
+    lr: float = option(0.02, help="peak fine-tuning learning rate (default {default:g})", group=TRIAL)
+    compile: bool = option(False, help="torch.compile each trial's model for fine-tuning", group=TRIAL)
+    cudnn_benchmark: bool = option(
+        False,
+        help="let cuDNN autotune every new conv shape during trials (off: each trial brings new FGA shapes)",
+        group=TRIAL,
+    )
+    device_data_gb: float = option(
+        8.0,
+        help="datasets up to this size (uint8) live on the GPU; larger ones stay in pinned host memory "
+        "(default {default:g})",
+        group=TRIAL,
+    )
+    workers: int = option(
+        0, help="threads decoding an ImageFolder tree on first use (default {default}: up to 8)", group=TRIAL
+    )
+    calibration: int = option(256, help="images for data-driven refinement (default {default})", group=TRIAL)
+    recalibration: int = option(1024, help="images for BN recalibration (default {default})", group=TRIAL)
+    val_fraction: float = option(
+        0.1, help="validation split held out of the training data (default {default:g})", group=TRIAL
+    )
+    train_limit: int | None = option(
+        None, help="use a stratified subset of this many training images", group=TRIAL
+    )
+    val_limit: int | None = option(
+        None, help="use a stratified subset of this many validation images", group=TRIAL
+    )
+    test_limit: int | None = option(
+        None, help="use a stratified subset of this many test images", group=TRIAL
+    )
+    # the Ray backend
+    backend: str = option(
+        "optuna", help="optuna (embedded, default) or ray (Ray Tune trials)", group=RAY, choices=BACKENDS
+    )
+    ray_address: str | None = option(
+        None, help="join this Ray cluster (auto or HOST:PORT); implies --backend ray", group=RAY
+    )
+    gpus_per_trial: float | None = option(
+        None,
+        help="GPUs per trial; fractions such as 0.25 share a GPU (default: 1 if the cluster has GPUs)",
+        group=RAY,
+    )
+    cpus_per_trial: float | None = option(
+        None,
+        help="CPUs per trial (default 1, or N with a --target cpu:N: its latency is timed on N threads)",
+        group=RAY,
+    )
+    max_concurrent: int | None = option(
+        None, help="max trials running at once (default: as resources allow)", group=RAY
+    )
+    storage_path: str | None = option(
+        None,
+        help="Ray Tune experiment storage: a path shared by all nodes (default: the run folder)",
+        group=RAY,
+    )
+    ray_dashboard: bool = option(
+        False, help="start Ray's dashboard with a local instance (off by default)", group=RAY
+    )
+    # storage and output
+    out: str = option(
+        help="run folder (default runs/MODEL-DATASET-bBUDGET); an existing one is resumed", group=STORAGE
+    )
+    storage: str | None = option(
+        None,
+        help="Optuna RDB URL for the study (default: sqlite in the run folder). The study's name does "
+        "not depend on where the run folder lies, so copies of a run folder share the study in it",
+        group=STORAGE,
+    )
+    study_name: str | None = option(
+        None,
+        help="study name in the storage (default: the one run.json records, made from the run's "
+        "identity and a random run id when the run was created)",
+        group=STORAGE,
+    )
+    quiet: bool = option(False, help="print only the final summary", group=STORAGE)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, why: str) -> None:
@@ -119,18 +243,18 @@ class RunConfig:
             isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0 < self.budget <= 1
         ):
             bad("budget", self.budget, "must be in (0, 1]")
-        if self.budget_metric not in BUDGET_METRICS:
-            bad("budget_metric", self.budget_metric, f"must be one of {', '.join(BUDGET_METRICS)}")
-        if self.objective not in OBJECTIVES:
-            bad("objective", self.objective, f"must be one of {', '.join(OBJECTIVES)}")
+        for f in fields(self):  # the options with a list of choices (None: the default's "unset")
+            cli = option_of(f)
+            value = getattr(self, f.name)
+            if cli is not None and cli.choices is not None and value not in cli.choices:
+                if not (value is None and f.default is None):
+                    bad(f.name, value, f"must be one of {', '.join(cli.choices)}")
         if self.needs_latency and self.target is None:
             raise ValueError(
                 "a latency objective or --budget-metric latency needs --target (e.g. cpu:2 or cuda)"
             )
         if self.target_batch < 1:
             bad("target_batch", self.target_batch, "must be >= 1")
-        if self.target_memory_format not in MEMORY_FORMATS:
-            bad("target_memory_format", self.target_memory_format, "must be nchw or channels_last")
         if self.target is not None:
             self.latency_target()  # the target's syntax, thread count and dtype
             if not self.needs_latency:  # it would be ignored
@@ -139,8 +263,10 @@ class RunConfig:
                     "add --objective accuracy,flops,latency to search and report latency on it "
                     "(without --target, the front is timed on this CPU after the search)"
                 )
-        elif (
-            self.target_batch != 1 or self.target_dtype != "float32" or self.target_memory_format is not None
+        elif any(
+            getattr(self, f.name) != f.default
+            for f in fields(self)
+            if f.name in ("target_batch", "target_dtype", "target_memory_format")
         ):
             raise ValueError(
                 "--target-batch, --target-dtype and --target-memory-format need --target (e.g. cpu:2 or cuda)"
@@ -155,8 +281,6 @@ class RunConfig:
             bad("trials", self.trials, "must be >= 1")
         if not (_number(self.epochs) and self.epochs >= 0):
             bad("epochs", self.epochs, "must be a number >= 0")
-        if self.sampler not in SAMPLERS:
-            bad("sampler", self.sampler, f"must be one of {', '.join(SAMPLERS)}")
         if self.population is not None and self.population < 2:
             bad("population", self.population, "must be >= 2")
         if self.timeout is not None and not (_number(self.timeout) and self.timeout > 0):
@@ -182,10 +306,6 @@ class RunConfig:
                 bad(name, v, "must be >= 1")
         if self.calibration < 1 or self.recalibration < 1:
             bad("calibration", self.calibration, "and --recalibration must be >= 1")
-        if self.strategy not in ("search", "uniform", "error-alloc", "random"):
-            bad("strategy", self.strategy, "must be one of search, uniform, error-alloc, random")
-        if self.backend not in BACKENDS:
-            bad("backend", self.backend, f"must be one of {', '.join(BACKENDS)}")
         if self.ray_address is not None and self.backend != "ray":
             raise ValueError("--ray-address needs the Ray backend (it implies --backend ray)")
         if self.gpus_per_trial is not None and not (
@@ -234,3 +354,6 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+RunConfig.__doc__ = f"{RunConfig.__doc__}{options_doc(RunConfig)}\n"

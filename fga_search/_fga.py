@@ -11,14 +11,14 @@ each of its G groups, into g equal groups of input channels. Each slice W_i, res
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CPU_EXECUTIONS", "FGAConv2d", "GroupSVD", "exact_rank", "group_svd", "with_cpu_execution"]
+from ._group_svd import GroupSVD, exact_rank, group_svd, validate_geometry
+
+__all__ = ["CPU_EXECUTIONS", "FGAConv2d", "with_cpu_execution"]
 
 # How an FGA pair's grouped conv runs on CPU inputs: as a grouped conv, or as one dense conv whose
 # weight is block-diagonal (zeros between the groups; g times the FLOPs, the same output). At
@@ -46,82 +46,6 @@ def _pair(value: int | tuple[int, ...] | str, name: str) -> tuple[int, int] | st
     if len(out) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {value!r}")
     return (out[0], out[1])
-
-
-def exact_rank(
-    *, in_channels: int, out_channels: int, kernel_size: tuple[int, int], base_groups: int, groups: int
-) -> int:
-    """The rank above which the per-group factorisation is exact: min(n/G, c/(G*g)*kh*kw)."""
-    return min(
-        out_channels // base_groups,
-        in_channels // (base_groups * groups) * kernel_size[0] * kernel_size[1],
-    )
-
-
-def _validate_geometry(
-    *,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: tuple[int, int],
-    base_groups: int,
-    groups: int,
-    rank: int,
-) -> None:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"rank must be an int, got {rank!r}")
-    per_group = in_channels // base_groups
-    if per_group % groups != 0:
-        valid = [d for d in range(1, per_group + 1) if per_group % d == 0]
-        raise ValueError(
-            f"groups={groups} does not divide the {per_group} input channels per conv group "
-            f"(in_channels={in_channels}, conv groups={base_groups}); valid group counts: {valid}"
-        )
-    top = exact_rank(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=kernel_size,
-        base_groups=base_groups,
-        groups=groups,
-    )
-    if rank < 1 or rank > top:
-        raise ValueError(f"rank={rank} is out of range for groups={groups}: valid ranks are 1..{top}")
-
-
-@dataclass(frozen=True)
-class GroupSVD:
-    """Per-group SVD factors of a conv weight, in float64.
-
-    ``u``: (G, g, n/G, m), ``s``: (G, g, m), ``vh``: (G, g, m, c/(G*g)*kh*kw) with m the full rank.
-    """
-
-    u: torch.Tensor
-    s: torch.Tensor
-    vh: torch.Tensor
-
-    def tail_energy(self, rank: int) -> torch.Tensor:
-        """Squared Frobenius error of the rank-``rank`` truncation, per group (Eckart-Young)."""
-        return (self.s[..., rank:] ** 2).sum(-1)
-
-    def relative_error(self, rank: int) -> float:
-        """Relative Frobenius error of the whole weight after truncating every group to ``rank``."""
-        total = float((self.s**2).sum())
-        if total == 0.0:
-            return 0.0
-        return math.sqrt(float(self.tail_energy(rank).sum()) / total)
-
-
-def group_svd(weight: torch.Tensor, *, base_groups: int, groups: int) -> GroupSVD:
-    """SVD of every (conv group, input group) slice of a conv weight, computed in float64."""
-    n, cg, kh, kw = weight.shape
-    if cg % groups != 0:
-        raise ValueError(f"groups={groups} does not divide the {cg} input channels per conv group")
-    w = weight.detach().to(torch.float64)
-    # (n, c/G, kh, kw) -> (G, n/G, g, c/(G*g)*kh*kw) -> (G, g, n/G, c/(G*g)*kh*kw)
-    w = w.reshape(base_groups, n // base_groups, groups, (cg // groups) * kh * kw).transpose(1, 2)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    return GroupSVD(u=u, s=s, vh=vh)
 
 
 class FGAConv2d(nn.Module):
@@ -156,7 +80,7 @@ class FGAConv2d(nn.Module):
             raise ValueError(
                 f"base_groups={base_groups} must divide in_channels={in_channels} and out_channels={out_channels}"
             )
-        _validate_geometry(
+        validate_geometry(
             in_channels=in_channels,
             out_channels=out_channels,
             kernel_size=ks,

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ._fga import FGAConv2d, exact_rank
+from ._fga import FGAConv2d
+from ._group_svd import exact_rank
 
 __all__ = ["LayerInfo", "decomposable_layers", "divisors"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._fga import group_svd
+from ._group_svd import group_svd
 
 __all__ = ["SpectralTable"]
 

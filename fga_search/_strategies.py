@@ -21,6 +21,7 @@ import random
 import re
 from collections.abc import Callable, Collection, Mapping
 
+from ._config import STRATEGIES
 from ._cost import CostModel
 from ._flops import ModelProfile
 from ._geometry import LayerInfo
@@ -31,7 +32,6 @@ from ._spectra import SpectralTable
 
 __all__ = [
     "SEARCH_SLACKS",
-    "STRATEGIES",
     "alloc_label",
     "alloc_slack",
     "blend",
@@ -44,8 +44,6 @@ __all__ = [
     "uniform_plan",
     "uniform_space_plan",
 ]
-
-STRATEGIES = ("search", "uniform", "error-alloc", "random")
 
 
 def _nearest_group(info: LayerInfo, groups: int) -> int:

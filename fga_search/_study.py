@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._runfolder import RunFolder
 
 __all__ = [
+    "SAMPLERS",
     "check_resumable",
     "constraints",
     "count_finished",
@@ -70,19 +71,35 @@ class _NSGAIISampler(optuna.samplers.NSGAIISampler):  # type: ignore[misc]
             self._thread_lock = threading.Lock()
 
 
-def make_sampler(name: str, *, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
-    """The named sampler (nsga2, tpe or random), seeded; every one can be pickled."""
+def _nsga2(*, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    size = population or max(4, min(50, trials // 4))
     func = None if _TRIAL_CONSTRAINTS else constraints
-    if name == "nsga2":
-        size = population or max(4, min(50, trials // 4))
-        return _NSGAIISampler(population_size=size, seed=seed, constraints_func=func)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, constraints_func=func, n_startup_trials=max(5, trials // 10)
-        )
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; valid samplers: nsga2, tpe, random")
+    return _NSGAIISampler(population_size=size, seed=seed, constraints_func=func)
+
+
+def _tpe(*, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    func = None if _TRIAL_CONSTRAINTS else constraints
+    return optuna.samplers.TPESampler(seed=seed, constraints_func=func, n_startup_trials=max(5, trials // 10))
+
+
+def _random(*, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+# The samplers, by the name --sampler takes: the one list of them (RunConfig's choices come from it).
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "nsga2": _nsga2,
+    "tpe": _tpe,
+    "random": _random,
+}
+
+
+def make_sampler(name: str, *, seed: int, population: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """The named sampler (one of ``SAMPLERS``), seeded; every one can be pickled."""
+    factory = SAMPLERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    return factory(seed=seed, population=population, trials=trials)
 
 
 def open_study(

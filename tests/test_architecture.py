@@ -35,7 +35,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_finetune",
         "_flops",
         "_geometry",
+        "_group_svd",
         "_imagefolder",
+        "_latency_measure",
+        "_latency_table",
+        "_latency_target",
         "_loader",
         "_pareto",
         "_paths",
@@ -60,6 +64,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_baseline_cache",
         "_config",
         "_latency_aim",
+        "_option",
         "_policy",
         "_quickstart",
         "_ray_backend",
@@ -84,7 +89,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "_onnx_pool",
         "_runtime_latency",
     ),
-    "cli": ("_cli",),
+    "cli": ("_cli", "_cli_commands"),
     "api": ("",),  # the package itself (fga_search/__init__.py)
 }
 

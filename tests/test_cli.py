@@ -203,6 +203,103 @@ def test_bad_choice_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not (tmp_path / "run").exists()
 
 
+def test_every_run_config_field_is_one_option_with_its_default() -> None:
+    """The search's options are RunConfig's fields, one each, with RunConfig's defaults and the
+    choices of the registries behind them: nothing is restated in the command line."""
+    from dataclasses import MISSING, fields
+
+    from fga_search import _strategies
+    from fga_search._cli import _parser
+    from fga_search._config import STRATEGIES, RunConfig
+    from fga_search._latency_target import DTYPES
+    from fga_search._option import option_of
+    from fga_search._study import SAMPLERS
+
+    actions = [a for a in _parser()._actions if a.dest != "help"]
+    by_dest = {a.dest: a for a in actions}
+    assert len(by_dest) == len(actions)  # one option a field
+    cli_fields = [f for f in fields(RunConfig) if option_of(f) is not None]  # KeyError: not marked
+    assert [f.name for f in cli_fields] == [a.dest for a in actions]
+    assert len(cli_fields) == len(fields(RunConfig)) == 47  # no field is API-only today
+    made_by_the_command_line = []
+    for f in cli_fields:
+        action, cli = by_dest[f.name], option_of(f)
+        assert cli is not None and action.help == cli.text(f.default)
+        assert action.choices == cli.choices
+        if f.default is MISSING or cli.quickstart is not None:
+            assert action.default is None
+            made_by_the_command_line.append(f.name)
+        else:
+            assert action.default == f.default and type(action.default) is type(f.default), f.name
+    assert made_by_the_command_line == ["trials", "epochs", "out"]
+    choices = {f.name: option_of(f).choices for f in cli_fields if option_of(f).choices}
+    assert choices["strategy"] is STRATEGIES is _strategies.STRATEGIES  # what strategy_plans checks
+    assert choices["sampler"] == tuple(SAMPLERS) == ("nsga2", "tpe", "random")
+    assert choices["target_dtype"] == tuple(DTYPES) == ("float32", "bf16", "fp16")
+    assert sorted(choices) == [
+        "backend", "budget_metric", "objective", "sampler", "strategy", "target_dtype", "target_memory_format"
+    ]  # fmt: skip
+    # with no option given, the command line's config is RunConfig's defaults but for those it makes
+    parsed = vars(_parser().parse_args([]))
+    assert parsed == {f.name: None if f.name in made_by_the_command_line else f.default for f in cli_fields}
+
+
+def test_the_search_options_are_built_without_torch() -> None:
+    """``fga-search --help`` and the command line's own errors do not load torch: the choices'
+    registries (latency dtypes, samplers, strategies) are light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fga_search._cli import _parser; p = _parser(); p.format_help(); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'pandas', 'pyarrow', 'ray') if m in sys.modules), "
+        "len(p._actions))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]", "48"]  # 47 options and --help, none of the heavy modules
+
+
+def test_the_command_line_makes_the_run_folder_and_the_quickstart_defaults(tmp_path: Path) -> None:
+    from fga_search._cli import _config, _parser
+    from fga_search._config import RunConfig
+
+    quick = _config(_parser().parse_args(["--budget", "0.3"]))
+    assert (quick.out, quick.trials, quick.epochs) == (
+        os.path.join("runs", "digits_cnn-digits-b0.3"),
+        50,
+        3.0,
+    )
+    assert quick == RunConfig(out=quick.out, budget=0.3, trials=50, epochs=3.0)
+    model = _config(_parser().parse_args(["--model", "pkg.nets:net", "--ray-address", "auto"]))
+    assert (model.out, model.trials, model.epochs) == (
+        os.path.join("runs", "pkg_nets_net-digits-b0.2"),
+        40,
+        1.0,
+    )
+    assert model.backend == "ray"  # --ray-address implies it
+    given = _config(_parser().parse_args(["--trials", "7", "--epochs", "0", "--out", str(tmp_path / "r")]))
+    assert (given.out, given.trials, given.epochs) == (str(tmp_path / "r"), 7, 0.0)
+
+
+def test_run_config_checks_every_choice_as_the_command_line_does() -> None:
+    from fga_search._config import RunConfig
+
+    for name, value, valid in [
+        ("strategy", "greedy", "search, uniform, error-alloc, random"),
+        ("sampler", "cmaes", "nsga2, tpe, random"),
+        ("target_dtype", "int8", "float32, bf16, fp16"),
+        ("target_memory_format", "nhwc", "nchw, channels_last"),
+        ("backend", "dask", "optuna, ray"),
+    ]:
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(ValueError, match=rf"^{flag} must be one of {valid}, got '{value}'$"):
+            RunConfig(out="runs/x", **{name: value})
+    assert RunConfig(out="runs/x", target_memory_format=None).target_memory_format is None
+
+
 def test_corrupt_and_mismatched_weights(
     tmp_path: Path, shared: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

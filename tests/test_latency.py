@@ -8,8 +8,8 @@ import pytest
 from torch import nn
 
 from fga_search import KEEP, FGAConv2d, ModelProfile, decomposable_layers, search
+from fga_search._latency_table import MIN_CALIBRATION_CHANGE
 from fga_search.latency import (
-    MIN_CALIBRATION_CHANGE,
     LatencyModel,
     LatencyTable,
     Target,
@@ -163,17 +163,17 @@ def test_calibration_fits_the_estimates_to_one_measured_plan(
         lat.calibrate(both, 0.0)
     # a plan that changes the estimate by less than the threshold, in the table and as measured,
     # is too noisy to calibrate on
-    monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 2 * abs(raw_both) / lat.base_ms)
+    monkeypatch.setattr("fga_search._latency_table.MIN_CALIBRATION_CHANGE", 2 * abs(raw_both) / lat.base_ms)
     assert lat.calibrate(both, lat.base_ms + 0.5 * raw_both) == 1.0
     assert lat.estimate_ms(both) == pytest.approx(lat.base_ms + raw_both)
     # ... but a measured change over the threshold calibrates even a small table change: a table
     # timed while the machine ran faster than it does now
-    monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 1.4 * abs(raw_both) / lat.base_ms)
+    monkeypatch.setattr("fga_search._latency_table.MIN_CALIBRATION_CHANGE", 1.4 * abs(raw_both) / lat.base_ms)
     now = lat.base_ms + 3 * raw_both / 2  # -0.9 of the original: over the threshold of 0.84
     assert lat.calibrate(both, now) == pytest.approx(1.5)
     assert lat.estimate_ms(both) == pytest.approx(now)
     assert lat.ratio(one) == pytest.approx(1 + 1.5 * raw_one / lat.base_ms)
-    monkeypatch.setattr("fga_search.latency.MIN_CALIBRATION_CHANGE", 1.6 * abs(raw_both) / lat.base_ms)
+    monkeypatch.setattr("fga_search._latency_table.MIN_CALIBRATION_CHANGE", 1.6 * abs(raw_both) / lat.base_ms)
     assert lat.calibrate(both, now) == 1.0  # both changes under the threshold of 0.96
 
 
@@ -322,7 +322,7 @@ def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency
 
 def test_side_by_side_copies_each_model_to_the_target_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rounds time the same copies: a copy per model, not per model and round."""
-    import fga_search.latency as latency
+    import fga_search._latency_measure as latency
 
     copies: list[int] = []
     prepare = latency._prepare
@@ -331,7 +331,7 @@ def test_side_by_side_copies_each_model_to_the_target_once(monkeypatch: pytest.M
         copies.append(id(module))
         return prepare(module, target)
 
-    monkeypatch.setattr("fga_search.latency._prepare", counted)
+    monkeypatch.setattr("fga_search._latency_measure._prepare", counted)
     models = {"a": wide_cnn(), "b": wide_cnn()}
     ms = latency.measure_side_by_side(
         models, input_shape=(1, 8, 8), target=Target.parse("cpu:1"), rounds=4, repeats=2
@@ -358,7 +358,7 @@ def test_a_model_is_timed_as_its_export_runs_it(monkeypatch: pytest.MonkeyPatch)
         timed.append(list(models))
         return {"grouped": 3.0, "block_diagonal": 2.0}
 
-    monkeypatch.setattr("fga_search.latency.measure_side_by_side", side_by_side)
+    monkeypatch.setattr("fga_search._latency_measure.measure_side_by_side", side_by_side)
     assert measure_as_exported(fga, input_shape=(16, 12, 12), target=Target.parse("cpu:1")) == 2.0
     assert timed == [["grouped", "block_diagonal"]]
     plain = measure_as_exported(model, input_shape=(16, 12, 12), target=Target.parse("cpu:1"), repeats=3)
@@ -379,7 +379,7 @@ def test_side_by_side_as_exported_reports_each_model_at_its_faster_execution(
         seen.append(list(models))
         return {"o": 5.0, "p": 3.0, "p, block-diagonal": 2.0}
 
-    monkeypatch.setattr("fga_search.latency.measure_side_by_side", side_by_side)
+    monkeypatch.setattr("fga_search._latency_measure.measure_side_by_side", side_by_side)
     cpu = Target.parse("cpu:1")
     assert measure_side_by_side_as_exported({"o": model, "p": fga}, input_shape=(16, 12, 12), target=cpu) == {
         "o": 5.0,
@@ -417,7 +417,7 @@ def test_models_are_timed_as_deployed_with_batch_norms_folded_on_cpu(
         seen.update({name: batch_norms(m) for name, m in models.items()})
         return {name: 1.0 for name in models}
 
-    monkeypatch.setattr("fga_search.latency.measure_side_by_side", side_by_side)
+    monkeypatch.setattr("fga_search._latency_measure.measure_side_by_side", side_by_side)
     measure_side_by_side_as_exported({"original": model, "fga": fga}, input_shape=(1, 8, 8), target=cpu)
     assert seen == {"original": 0, "fga": 0, "fga, block-diagonal": 0}
     assert batch_norms(model) == batch_norms(fga) == 3
@@ -428,7 +428,8 @@ def test_models_are_timed_as_deployed_with_batch_norms_folded_on_cpu(
         baselines.append(batch_norms(module))
         return LatencyStats(1.0, 1.0, 1.0, 1)
 
-    monkeypatch.setattr("fga_search.latency.measure_latency", latency)
+    for where in ("_latency_table", "_latency_measure"):  # the original's baseline, and its layers
+        monkeypatch.setattr(f"fga_search.{where}.measure_latency", latency)
     profile = ModelProfile(model, input_shape=(1, 8, 8))
     LatencyModel(model, profile, LatencyTable(cpu, path=str(tmp_path / "table.json")), repeats=1)
     assert baselines[0] == 0  # the original's baseline, folded; then its layers alone (no BN)

@@ -1,0 +1,121 @@
+"""Where latency is measured: the ``Target`` (device, threads, batch, dtype, memory format).
+
+It imports torch only when a method needs it: ``RunConfig`` checks a ``--target`` with it, and
+``fga-search --help`` lists ``DTYPES``, without loading torch."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DTYPES", "Target", "cpu_cores"]
+
+# the dtypes a target runs in: the name --target-dtype takes -> the torch dtype's name
+DTYPES = {"float32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where latency is measured. ``threads`` applies to the CPU (None: PyTorch's default)."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    batch: int = 1
+    dtype: str = "float32"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"target dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.batch < 1:
+            raise ValueError(f"target batch must be >= 1, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"target threads must be >= 1, got {self.threads}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"target device must be cpu or cuda[:N], got {self.device!r}")
+
+    @classmethod
+    def parse(
+        cls, spec: str, *, batch: int = 1, dtype: str = "float32", channels_last: bool | None = None
+    ) -> Target:
+        """``cpu``, ``cpu:THREADS``, ``cuda`` or ``cuda:INDEX``."""
+        kind, _, arg = spec.partition(":")
+        if kind == "cpu":
+            if arg and not arg.isdigit():
+                raise ValueError(f"--target {spec!r}: cpu:THREADS needs a thread count, e.g. cpu:2")
+            if arg and int(arg) < 1:
+                raise ValueError(f"--target {spec!r}: cpu:THREADS needs at least 1 thread")
+            return cls("cpu", int(arg) if arg else None, batch, dtype, bool(channels_last))
+        if kind == "cuda":
+            if arg and not arg.isdigit():
+                raise ValueError(f"--target {spec!r}: cuda:INDEX needs a device index, e.g. cuda:0")
+            return cls(spec, None, batch, dtype, True if channels_last is None else channels_last)
+        raise ValueError(f"--target {spec!r}: use cpu, cpu:THREADS, cuda or cuda:INDEX")
+
+    @property
+    def torch_device(self) -> torch.device:
+        import torch
+
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        dtype: torch.dtype = getattr(torch, DTYPES[self.dtype])
+        return dtype
+
+    def hardware(self) -> str:
+        import torch
+
+        if self.device == "cpu":
+            threads = self.threads or torch.get_num_threads()
+            return f"{_cpu_name()} ({threads} threads)"
+        if not torch.cuda.is_available():
+            raise ValueError(f"target {self.device!r} asked for, but CUDA is not available here")
+        return torch.cuda.get_device_name(self.torch_device)
+
+    def oversubscribed(self) -> str | None:
+        """Why this target's CPU latencies would mislead, or None: a thread count above the cores
+        this process may run on times an oversubscribed CPU, not the deployment."""
+        cores = cpu_cores()
+        if self.device == "cpu" and self.threads is not None and self.threads > cores:
+            return (
+                f"--target cpu:{self.threads} asks for {self.threads} threads, but this process has "
+                f"{cores} core(s): latencies are measured oversubscribed"
+            )
+        return None
+
+    def key(self) -> str:
+        """The lookup-table key of this target: hardware, dtype, batch and memory format."""
+        import torch
+
+        layout = "channels_last" if self.channels_last else "nchw"
+        return f"{self.hardware()}|{self.dtype}|batch {self.batch}|{layout}|torch {torch.__version__}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "hardware": self.hardware()}
