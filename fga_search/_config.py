@@ -28,6 +28,7 @@ BACKENDS = ("optuna", "ray")
 # the search, or a rule-based baseline (fga_search._strategies makes their plans)
 STRATEGIES = ("search", "uniform", "error-alloc", "random")
 MEMORY_FORMATS = ("nchw", "channels_last")
+VAL_FROM = ("train", "test")  # where --val-from takes the validation images
 MAX_SEED = 2**31 - 1  # the samplers seed numpy, which takes seeds below 2**32; a run adds to its seed
 
 # the option groups of ``fga-search --help``, in order
@@ -180,6 +181,19 @@ class RunConfig:
     val_fraction: float = option(
         0.1, help="validation split held out of the training data (default {default:g})", group=TRIAL
     )
+    val_dir: str | None = option(
+        None,
+        help="validation images held out from training: an ImageFolder with train/'s classes (default: "
+        "the data's val/ beside train/ and test/, else --val-fraction of the training data)",
+        group=TRIAL,
+    )
+    val_from: str | None = option(
+        None,
+        help="take the validation images from: test (a stratified --val-fraction of the test split; the "
+        "test figures come from the rest) or train (the training data, even with a val/ folder)",
+        group=TRIAL,
+        choices=VAL_FROM,
+    )
     train_limit: int | None = option(
         None, help="use a stratified subset of this many training images", group=TRIAL
     )
@@ -277,6 +291,11 @@ class RunConfig:
             or not (self.front_latency_runs == 0 or self.front_latency_runs >= 10)
         ):
             bad("front_latency_runs", self.front_latency_runs, "must be 0 (skip) or an integer >= 10")
+        if self.val_dir is not None and self.val_from is not None:
+            raise ValueError(
+                f"--val-dir and --val-from exclude each other, got --val-dir {self.val_dir!r} "
+                f"and --val-from {self.val_from!r}"
+            )
         if self.trials < 1:
             bad("trials", self.trials, "must be >= 1")
         if not (_number(self.epochs) and self.epochs >= 0):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._config import RunConfig
 from ._cost import CostModel
-from ._data import DataBundle, load_dataset
+from ._data import TRAIN_VALIDATION_WARNING, DataBundle, load_dataset
 from ._errors import first_line, shorten
 from ._evaluate import main_logits
 from ._finetune import FinetuneConfig
@@ -133,6 +133,10 @@ class SearchSetup:
             "image_size": c.image_size,
             "strategy": c.strategy,
             "backend": c.backend,
+            # held-out validation (issue 28): only where it is not the training split, so that the
+            # identity of a run made before these options existed does not change
+            **({"val_source": self.data.val_source} if self.data.val_source != "train" else {}),
+            **({"val_dir": os.path.abspath(c.val_dir)} if c.val_dir else {}),
         }
 
     def versions(self) -> dict[str, str]:
@@ -267,6 +271,13 @@ def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: 
         ) from None
 
 
+def trained_on_validation(config: RunConfig, data: DataBundle) -> bool:
+    """Whether the validation images may be ones the user's trained model learned from: taken
+    from the training split of a model given with weights (the quickstart's model is trained
+    without its validation images)."""
+    return data.val_source == "train" and config.model is not None and config.weights is not None
+
+
 def prepare(
     config: RunConfig, *, log: bool = True, latency_floor_check: bool = True, time_latency: bool = True
 ) -> SearchSetup:
@@ -294,6 +305,8 @@ def prepare(
         val_limit=config.val_limit,
         test_limit=config.test_limit,
         workers=config.workers,
+        val_dir=config.val_dir,
+        val_from=config.val_from,  # type: ignore[arg-type]  # one of VAL_FROM, checked by RunConfig
     )
     weights = config.weights
     if config.model is None:
@@ -315,6 +328,8 @@ def prepare(
         model = build_model(spec, num_classes=data.num_classes, weights=weights)
     if weights is None and log:
         print("warning: no --weights given: compressing an untrained model", file=sys.stderr)
+    if log and trained_on_validation(config, data):
+        print(f"warning: {TRAIN_VALIDATION_WARNING}", file=sys.stderr)
     if spec.normalization is not None and len(spec.normalization.mean) != data.input_shape[0]:
         raise ValueError(
             f"model {spec.name!r} expects {len(spec.normalization.mean)}-channel images, "

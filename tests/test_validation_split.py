@@ -119,3 +119,69 @@ def test_bad_validation_inputs_name_the_problem(tmp_path: Path, case: str, messa
         kwargs["val_from"] = "val"
     with pytest.raises(ValueError, match=message):
         load_dataset("imagefolder", data_dir=str(root), **kwargs)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+from test_hostile import call, refused  # noqa: E402  (the exit-2 rule, checked as everywhere else)
+
+BASE = ["--model", "resnet20", "--dataset", "imagefolder", "--epochs", "0", "--trials", "2"]
+BASE += ["--calibration", "8", "--recalibration", "8", "--front-latency-runs", "0"]
+RUN = [*BASE, "--quiet"]
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("empty val/", "/val has no class folders"),
+        ("val/ classes differ", "/val has other classes than the training images"),
+        ("both", "--val-dir and --val-from exclude each other"),
+        ("bad --val-from", "argument --val-from: invalid choice: 'val'"),
+        ("missing --val-dir", "val dir not found"),
+    ],
+)
+def test_bad_validation_options_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, needle: str
+) -> None:
+    root = _tree(tmp_path / "d", {"train": 4, "test": 2})
+    extra: list[str] = []
+    if case == "empty val/":
+        (root / "val").mkdir()
+    elif case == "val/ classes differ":
+        _tree(tmp_path / "x", {"val": 2}, classes=2)
+        shutil.move(tmp_path / "x" / "val", root / "val")
+    elif case == "both":
+        extra = ["--val-dir", str(root / "test"), "--val-from", "test"]
+    elif case == "bad --val-from":
+        extra = ["--val-from", "val"]
+    else:
+        extra = ["--val-dir", str(tmp_path / "nowhere")]
+    refused([*RUN, "--data-dir", str(root), *extra, "--out", str(tmp_path / "run")], capsys, tmp_path, needle)
+
+
+def test_a_search_validates_on_held_out_images_and_says_when_it_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from fga_search import build_model
+
+    root = _tree(tmp_path / "d", {"train": 8, "val": 3, "test": 4})
+    code, _, err = call([*RUN, "--data-dir", str(root), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "a" / "run.json").read_text())["data"]
+    assert (data["val_source"], data["train"], data["val"], data["test"]) == ("val/", 24, 9, 12)
+
+    weights = tmp_path / "w.pt"
+    torch.save(build_model("resnet20", num_classes=3).state_dict(), weights)
+    plain = _tree(tmp_path / "p", {"train": 8, "test": 4})
+    args = [*BASE, "--data-dir", str(plain), "--weights", str(weights)]  # not --quiet: the log
+    code, _, err = call([*args, "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert err.count(TRAIN_VALIDATION_WARNING) == 1  # said once, with the way out
+    code, _, err = call(
+        [*args, "--val-from", "test", "--val-fraction", "0.25", "--out", str(tmp_path / "c")], capsys
+    )
+    assert code == 0 and TRAIN_VALIDATION_WARNING not in err, err
+    data = json.loads((tmp_path / "c" / "run.json").read_text())["data"]
+    assert (data["val_source"], data["val"], data["test"]) == ("test", 3, 9)
