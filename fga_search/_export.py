@@ -34,10 +34,12 @@ from ._checkpoint import cpu_state_dict
 from ._cpu_execution import apply_cpu_execution, choose_cpu_execution
 from ._errors import first_line, shorten
 from ._fga import with_cpu_execution
+from ._pareto import is_usable
 from ._paths import check_out_path
 from ._plan import Plan, load_plan, normalize_plan, plan_to_json
+from ._records import TrialRecord
 from ._runtime_latency import export_latency, write_onnx
-from ._runview import RunView, is_usable, read_run
+from ._runview import RunView, read_run
 from .latency import Target, measure_side_by_side
 
 if TYPE_CHECKING:
@@ -321,15 +323,15 @@ def _check_out(out: object) -> tuple[str, str]:
     return target, anchor
 
 
-def _select(view: RunView, pick: str | int) -> tuple[dict[str, Any], str]:
+def _select(view: RunView, pick: str | int) -> tuple[TrialRecord, str]:
     usable = view.usable
     if not usable:
         raise ValueError(f"run folder {view.path} has no finished trials")
     if pick == "best":
-        fitting = [r for r in usable if r.get("within_budget")]
-        if not fitting:
+        best = view.best
+        if best is None:
             raise ValueError(f"run folder {view.path} has no finished trial within the budget")
-        return max(fitting, key=lambda r: (r["val_acc"], -r["flops_ratio"], -r["trial"])), "best"
+        return view.row(int(best["trial"])) or best, "best"
     if pick == "knee":
         knee = view.knee
         if knee is None:
@@ -358,7 +360,7 @@ def _in_model_order(plan: Plan, layers: Sequence[Any]) -> Plan:
     return dict(sorted(plan.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
-def _weights_source(view: RunView, row: dict[str, Any]) -> dict[str, Any]:
+def _weights_source(view: RunView, row: TrialRecord) -> TrialRecord:
     """A duplicate trial reused an earlier trial's result: that trial holds the model."""
     if row.get("status") == "duplicate" and row.get("duplicate_of") is not None:
         source = view.row(int(row["duplicate_of"]))
@@ -484,7 +486,7 @@ def _final_finetune(
 
 
 def _trained_model(
-    view: RunView, setup: Any, runner: Any, row: dict[str, Any], plan: Plan, *, quiet: bool
+    view: RunView, setup: Any, runner: Any, row: TrialRecord, plan: Plan, *, quiet: bool
 ) -> tuple[nn.Module, bool]:
     from ._surgery import apply_plan_structure
 

@@ -371,8 +371,9 @@ class _Progress(tune.Callback):
 
     live: dict[int, dict[str, Any]]
 
-    def __init__(self, parquet: str, total: int, quiet: bool) -> None:
+    def __init__(self, parquet: str, total: int, quiet: bool, costs: list[str]) -> None:
         self.parquet = parquet
+        self.costs = costs
         self.total = total
         self.quiet = quiet
         self.live = {}
@@ -399,7 +400,7 @@ class _Progress(tune.Callback):
         write_parquet(rows_to_table(rows), self.parquet)
         if len(rows) % REPORT_EVERY == 0:
             refresh_report(os.path.dirname(self.parquet))
-        best = best_row(rows)
+        best = best_row(rows, costs=self.costs)
         Progress(total=self.total, done=0, quiet=self.quiet).update(
             done=len(rows),
             number=row["trial"],
@@ -642,7 +643,7 @@ class RaySearch:
         if contention is not None and not c.quiet:
             print(f"warning: {contention}", file=sys.stderr)
         recorded = recorded_rows(self.folder.trials_parquet)
-        callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
+        callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet, c.costs)
         trials = self.study().get_trials(deepcopy=False)
         finished = count_finished(trials)
         interrupted: list[dict[str, Any]] = []
