@@ -92,28 +92,21 @@ def scatter_plot(
 
         ax.add_patch(Rectangle((0, 0), 1, 0.1, transform=ax.transAxes, color="#f1f1f1", lw=0, zorder=0))
         ax.text(0.005, 0.1, "no accuracy", transform=ax.transAxes, fontsize=7, color="#777", va="bottom")
-    if infeasible:
-        ax.scatter(
-            [getattr(r, key) for r in infeasible],
-            [0.035] * len(infeasible),
-            transform=strip,
-            marker="x",
-            s=30,
-            color=_COLORS["infeasible"],
-            label="infeasible (over budget, not trained)",
-            zorder=3,
-        )
-    if failed:
-        ax.scatter(
-            [getattr(r, key) for r in failed],
-            [0.07] * len(failed),
-            transform=strip,
-            marker="v",
-            s=30,
-            color=_COLORS["failed"],
-            label="failed (no accuracy)",
-            zorder=3,
-        )
+    for marked, y, marker, kind, legend in (
+        (infeasible, 0.035, "x", "infeasible", "infeasible (over budget, not trained)"),
+        (failed, 0.07, "v", "failed", "failed (no accuracy)"),
+    ):
+        if marked:  # along the bottom strip, at their cost
+            ax.scatter(
+                [getattr(r, key) for r in marked],
+                [y] * len(marked),
+                transform=strip,
+                marker=marker,
+                s=30,
+                color=_COLORS[kind],
+                label=legend,
+                zorder=3,
+            )
     if front:
         ordered = sorted(front, key=lambda r: getattr(r, key))
         ax.step(

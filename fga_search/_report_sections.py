@@ -79,42 +79,36 @@ def picks_section(doc: Doc, facts: Facts) -> None:
 
 
 def plots_section(doc: Doc, facts: Facts) -> None:
-    view, budget, metric = facts.view, facts.budget, facts.metric
+    view = facts.view
     doc.heading("Pareto front", "front")
-    doc.figure(
-        scatter_plot(
-            view,
+    plots = [
+        (
             "flops_ratio",
-            "FLOPs (% of the original, log scale)",
-            budget=budget if metric == "flops" else None,
-            name="pareto-flops",
-            title="Validation accuracy vs FLOPs",
-            caption="Every trial; the front (red) is the non-dominated feasible trials. Infeasible and "
+            "FLOPs",
+            "flops",
+            "Every trial; the front (red) is the non-dominated feasible trials. Infeasible and "
             "failed trials have no accuracy and are marked along the bottom at their FLOPs.",
-        )
-    )
-    doc.figure(
-        scatter_plot(
-            view,
+        ),
+        (
             "params_ratio",
-            "parameters (% of the original, log scale)",
-            budget=budget if metric == "params" else None,
-            name="pareto-params",
-            title="Validation accuracy vs parameters",
-            caption="The same trials against their parameter count; the front members (red) are those of "
+            "parameters",
+            "params",
+            "The same trials against their parameter count; the front members (red) are those of "
             f"the {_cost_names(view.costs)} front.",
-        )
-    )
+        ),
+    ]
     if any(not missing(r.latency_ratio) for r in view.rows):
+        plots.append(("latency_ratio", "latency", "latency", "The trials whose latency was measured."))
+    for key, what, metric, caption in plots:
         doc.figure(
             scatter_plot(
                 view,
-                "latency_ratio",
-                "latency (% of the original, log scale)",
-                budget=budget if metric == "latency" else None,
-                name="pareto-latency",
-                title="Validation accuracy vs latency",
-                caption="The trials whose latency was measured.",
+                key,
+                f"{what} (% of the original, log scale)",
+                budget=facts.budget if facts.metric == metric else None,
+                name=f"pareto-{metric}",
+                title=f"Validation accuracy vs {what}",
+                caption=caption,
             )
         )
     doc.figure(hypervolume_plot(view))
