@@ -56,7 +56,7 @@ from ._policy import (
     update_latency_aim,
 )
 from ._progress import Progress
-from ._records import read_table, rows_to_table, write_parquet
+from ._records import NOT_RECORDED, TrialRecord, read_table, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import SearchSetup
 from ._study import count_finished, make_sampler, open_study, run_study_name, set_budget_constraint
@@ -345,7 +345,9 @@ def row_metrics(metrics: dict[str, Any], *, times: bool = False) -> dict[str, An
 
 def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:
     """A Ray trial as a row of the common schema."""
-    row: dict[str, Any] = {k: v for k, v in config.items() if k != "number"}
+    # the config holds the sampler's parameters (g:LAYER, r:LAYER: the plan column records them)
+    # beside the trial's record
+    row: dict[str, Any] = {k: v for k, v in config.items() if k in TrialRecord.columns() or k in NOT_RECORDED}
     row["trial"] = int(config["number"])
     row.update(row_metrics(metrics))
     if error is not None:

@@ -33,9 +33,10 @@ __all__ = [
     "write_parquet",
 ]
 
-# What the search keeps beside a trial's row but not in trials.parquet: the allocation a mutation
-# starts from (``_policy.alloc_attrs``) and the budget constraint the sampler saw.
-NOT_RECORDED = frozenset({"alloc_weights", "alloc_slack", "constraint"})
+# What the search keeps in the study beside a trial's row, not in trials.parquet: the allocation a
+# mutation starts from (``_policy.alloc_attrs``), the budget constraint the sampler saw, and the
+# metrics Ray's searcher keeps until the row is written (``result``: the row's own columns).
+NOT_RECORDED = frozenset({"alloc_weights", "alloc_slack", "constraint", "result"})
 
 
 @dataclass(frozen=True, kw_only=True)
