@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
     from ._loader import Normalization
     from ._pareto import pareto_front
     from ._plan import KEEP, Plan, load_plan, plan_to_json
+    from ._records import FrontRecord, TrialRecord
     from ._refine import LayerFit, refine, refinement_report
     from ._report import write_report
     from ._search import SearchResult, search
@@ -46,6 +47,7 @@ _LAZY: dict[str, str] = {
     "ExportVerificationError": "._export",
     "FGAConv2d": "._fga",
     "FlopCount": "._flops",
+    "FrontRecord": "._records",
     "LatencyBudgetError": "._setup",
     "LayerFit": "._refine",
     "LayerInfo": "._geometry",
@@ -54,6 +56,7 @@ _LAZY: dict[str, str] = {
     "Plan": "._plan",
     "RunConfig": "._config",
     "SearchResult": "._search",
+    "TrialRecord": "._records",
     "WeightsError": "._checkpoint",
     "build_model": "._zoo",
     "compress": "._compress",
@@ -82,6 +85,7 @@ __all__ = [
     "ExportVerificationError",
     "FGAConv2d",
     "FlopCount",
+    "FrontRecord",
     "LatencyBudgetError",
     "LayerFit",
     "LayerInfo",
@@ -90,6 +94,7 @@ __all__ = [
     "Plan",
     "RunConfig",
     "SearchResult",
+    "TrialRecord",
     "WeightsError",
     "__version__",
     "build_model",

@@ -93,31 +93,31 @@ def _search(args: argparse.Namespace) -> int:
         print(
             f"original: val accuracy {base['val_acc']:.4f}, test {base['test_acc']:.4f}, {base['macs'] / 1e6:.2f} M MACs"
         )
-    for row in result.front:
-        mark = " <- best within budget" if row.get("is_best") else (" <- knee" if row.get("is_knee") else "")
-        test = f", test {row['test_acc']:.4f}" if row.get("test_acc") is not None else ""
-        if row.get("latency_ratio") is not None:
-            latency = f", latency {row['latency_ratio']:.3f}"
-        elif row.get("cpu_latency_ratio") is not None:
-            latency = f", CPU latency {row['cpu_latency_ratio']:.3f}"
+    for row in result.front:  # marked by the run's objective (_pareto.mark_front), as pareto.parquet
+        mark = " <- best within budget" if row.is_best else (" <- knee" if row.is_knee else "")
+        test = f", test {row.test_acc:.4f}" if row.test_acc is not None else ""
+        if row.latency_ratio is not None:
+            latency = f", latency {row.latency_ratio:.3f}"
+        elif row.cpu_latency_ratio is not None:
+            latency = f", CPU latency {row.cpu_latency_ratio:.3f}"
         else:
             latency = ""
         print(
-            f"  trial {row['trial']:>4}: val {row['val_acc']:.4f}{test}, FLOPs {row['flops_ratio']:.3f}"
-            f"{latency}, params {row['params_ratio']:.3f}{mark}"
+            f"  trial {row.trial:>4}: val {row.val_acc:.4f}{test}, FLOPs {row.flops_ratio:.3f}"
+            f"{latency}, params {row.params_ratio:.3f}{mark}"
         )
-    if any(row.get("cpu_latency_ratio") is not None for row in result.front):
+    if any(row.cpu_latency_ratio is not None for row in result.front):
         print(
             "CPU latency: ratio to the original's, timed side by side on this CPU after the search (batch 1, "
             "eager PyTorch; no --target was given, so the search optimised FLOPs; see front_latency.json)"
         )
     if result.best is not None:
-        ckpt = os.path.join(result.run_dir, "models", f"trial_{result.best['trial']:05d}.pt")
+        ckpt = os.path.join(result.run_dir, "models", f"trial_{result.best.trial:05d}.pt")
         if os.path.isfile(ckpt):
-            print(f"best model: trial {result.best['trial']}, weights {ckpt}")
+            print(f"best model: trial {result.best.trial}, weights {ckpt}")
         else:  # its checkpoint was not kept (e.g. a full disk): the export re-runs it
             print(
-                f"best model: trial {result.best['trial']} (no checkpoint kept; "
+                f"best model: trial {result.best.trial} (no checkpoint kept; "
                 "'fga-search export' re-runs it from its plan and seed)"
             )
     else:

@@ -365,7 +365,9 @@ class RunConfig:
     @property
     def costs(self) -> list[str]:
         """The objective's cost columns, each minimised: flops_ratio and/or latency_ratio."""
-        return [f"{name}_ratio" for name in self.objective.split(",")[1:]]
+        from ._pareto import objective_costs
+
+        return objective_costs(self.objective)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

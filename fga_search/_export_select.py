@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._export_spec import FILES, SPEC_FORMAT, is_int, is_number
 from ._geometry import LayerInfo
+from ._pareto import is_usable
 from ._plan import Plan, load_plan, plan_to_json
-from ._runview import RunView, is_usable
+from ._records import TrialRecord
+from ._runview import RunView
 from .latency import Target
 
 if TYPE_CHECKING:
@@ -37,9 +39,9 @@ __all__ = [
 class Picked:
     """The chosen trial: its row, how it was picked, and the trial that holds its model."""
 
-    row: dict[str, Any]  # trials.parquet's row of the chosen trial
+    row: TrialRecord  # trials.parquet's row of the chosen trial
     how: str  # "best", "knee" or "trial"
-    source: dict[str, Any]  # the row that holds the model: the trial, or the one a duplicate reused
+    source: TrialRecord  # the row that holds the model: the trial, or the one a duplicate reused
     plan: Plan
 
     @property
@@ -124,15 +126,15 @@ def check_pick(pick: object) -> str | int:
     raise ValueError(f"pick must be 'best', 'knee' or a trial id, got {pick!r}")
 
 
-def _row(view: RunView, pick: str | int) -> tuple[dict[str, Any], str]:
+def _row(view: RunView, pick: str | int) -> tuple[TrialRecord, str]:
     usable = view.usable
     if not usable:
         raise ValueError(f"run folder {view.path} has no finished trials")
     if pick == "best":
-        fitting = [r for r in usable if r.get("within_budget")]
-        if not fitting:
+        best = view.best
+        if best is None:
             raise ValueError(f"run folder {view.path} has no finished trial within the budget")
-        return max(fitting, key=lambda r: (r["val_acc"], -r["flops_ratio"], -r["trial"])), "best"
+        return view.row(int(best["trial"])) or best, "best"
     if pick == "knee":
         knee = view.knee
         if knee is None:
@@ -156,7 +158,7 @@ def _row(view: RunView, pick: str | int) -> tuple[dict[str, Any], str]:
     return row, "trial"
 
 
-def _weights_source(view: RunView, row: dict[str, Any]) -> dict[str, Any]:
+def _weights_source(view: RunView, row: TrialRecord) -> TrialRecord:
     """A duplicate trial reused an earlier trial's result: that trial holds the model."""
     if row.get("status") == "duplicate" and row.get("duplicate_of") is not None:
         source = view.row(int(row["duplicate_of"]))

@@ -1,16 +1,38 @@
-"""Pareto fronts, hypervolume and the knee point (accuracy up, cost down)."""
+"""Pareto fronts, hypervolume and the knee point (accuracy up, cost down).
+
+The one definition of a run's front, its best within the budget, its knee and of a usable trial,
+each by the run's objective (its costs: ``flops_ratio`` and/or ``latency_ratio``): the search
+(``_policy.finalize``, pareto.parquet), the run view (report, export) and the command line use them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["best_row", "front_rows", "hypervolume", "knee_index", "pareto_front", "pareto_mask"]
+    from ._records import FrontRecord
+
+__all__ = [
+    "best_row",
+    "front_rows",
+    "hypervolume",
+    "is_feasible",
+    "is_finished",
+    "is_usable",
+    "knee_cost",
+    "knee_index",
+    "knee_row",
+    "mark_front",
+    "objective_costs",
+    "pareto_front",
+    "pareto_mask",
+    "run_costs",
+]
 
 
 def pareto_mask(acc: Sequence[float], *costs: Sequence[float]) -> np.ndarray:
@@ -66,32 +88,98 @@ def knee_index(acc: Sequence[float], cost: Sequence[float]) -> int:
     return int(np.argmax(dist))
 
 
-def front_rows(rows: list[dict[str, Any]], *, costs: list[str] | None = None) -> list[dict[str, Any]]:
-    """Non-dominated rows among finished trials within budget: validation accuracy up, each cost
-    column down (default: the FLOPs ratio; a latency search adds ``latency_ratio``)."""
-    costs = costs or ["flops_ratio"]
-    ok = [
-        r
-        for r in rows
-        if r.get("state") == "COMPLETE"
-        and r.get("status") in ("ok", "duplicate")
-        and r.get("within_budget")
-        and r.get("val_acc") is not None
-        and all(r.get(c) is not None for c in costs)
-    ]
+# -- the one definition of the front, the best, the knee and a usable trial -------------------
+Row = Mapping[str, Any]  # a trial's row: a ``TrialRecord``, or a dict of its columns
+USABLE = ("ok", "duplicate")  # the statuses of a trial with a trained model
+
+
+def objective_costs(objective: str) -> list[str]:
+    """The cost columns an objective minimises: ``accuracy,flops,latency`` ->
+    ``[flops_ratio, latency_ratio]``."""
+    return [f"{name}_ratio" for name in objective.split(",")[1:]]
+
+
+def run_costs(config: Mapping[str, Any]) -> list[str]:
+    """A run's costs from its recorded config (run.json's ``config``; runs recorded without an
+    objective optimised FLOPs)."""
+    return objective_costs(str(config.get("objective") or "accuracy,flops"))
+
+
+def knee_cost(costs: Sequence[str]) -> str:
+    """The cost the knee trades accuracy for: the objective's last (latency when it has it)."""
+    return costs[-1]
+
+
+def is_usable(row: Row) -> bool:
+    """A trial with a trained model and a validation accuracy: COMPLETE with status ok or duplicate."""
+    return row.get("state") == "COMPLETE" and row.get("status") in USABLE and row.get("val_acc") is not None
+
+
+def is_finished(row: Row) -> bool:
+    """A trial that ended: complete (ok, duplicate, infeasible) or failed (not interrupted)."""
+    return row.get("state") == "COMPLETE" or (
+        row.get("state") == "FAIL" and row.get("status") != "interrupted"
+    )
+
+
+def is_feasible(row: Row, costs: Sequence[str]) -> bool:
+    """A usable trial within the budget whose costs are all known: a candidate for the front."""
+    return is_usable(row) and bool(row.get("within_budget")) and all(row.get(c) is not None for c in costs)
+
+
+R = TypeVar("R", bound=Row)
+
+
+def front_rows(rows: Sequence[R], *, costs: Sequence[str]) -> list[R]:
+    """The Pareto front: the non-dominated feasible trials, validation accuracy up and each of the
+    run's costs down (``RunConfig.costs``, ``run_costs``), by FLOPs ratio. Of identical trials the
+    first is kept."""
+    ok = [r for r in rows if is_feasible(r, costs)]
     if not ok:
         return []
     mask = pareto_mask([r["val_acc"] for r in ok], *[[r[c] for r in ok] for c in costs])
-    front = sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["flops_ratio"])
-    return front
+    return sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["flops_ratio"])
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The highest validation accuracy within budget, ties broken by fewer FLOPs."""
-    front = front_rows(rows)
+def best_row(rows: Sequence[R], *, costs: Sequence[str]) -> R | None:
+    """The best within the budget: the highest validation accuracy of the feasible trials, ties
+    broken by the lower costs (in the objective's order), then by the earlier trial. It is on the
+    front."""
+    ok = [r for r in rows if is_feasible(r, costs)]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["val_acc"], *(-r[c] for c in costs), -r["trial"]))
+
+
+def knee_row(front: Sequence[R], *, costs: Sequence[str]) -> R | None:
+    """The knee of a front (``front_rows``): ``knee_index`` in (validation accuracy, ``knee_cost``)."""
     if not front:
         return None
-    return max(front, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
+    cost = knee_cost(costs)
+    return front[knee_index([r["val_acc"] for r in front], [r[cost] for r in front])]
+
+
+def mark_front(
+    rows: Sequence[Row], *, costs: Sequence[str], test_acc: Mapping[str, float] | None = None
+) -> list[FrontRecord]:
+    """The front as pareto.parquet records it: each member with its test accuracy (``test_acc``,
+    by trial number as a string: test_acc.json), the knee and the best within the budget marked."""
+    from ._records import FrontRecord
+
+    front = front_rows(rows, costs=costs)
+    best, knee = best_row(front, costs=costs), knee_row(front, costs=costs)
+    tests = test_acc or {}
+    return [
+        FrontRecord.from_row(
+            {
+                **row,
+                "test_acc": row.get("test_acc", tests.get(str(row["trial"]))),
+                "is_knee": row is knee,
+                "is_best": row is best,
+            }
+        )
+        for row in front
+    ]
 
 
 def pareto_front(run_dir: str) -> pd.DataFrame:

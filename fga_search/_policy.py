@@ -12,21 +12,20 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
-import pyarrow as pa
 import torch
 from optuna.trial import TrialState
 
 from ._compress import trial_seed_of
 from ._config import RunConfig
 from ._latency_aim import estimate_bias, latency_aim
-from ._pareto import best_row, front_rows, knee_index
+from ._pareto import front_rows, is_finished, mark_front
 from ._plan import Plan, load_plan
 from ._progress import Progress
-from ._records import TRIAL_SCHEMA, rows_to_table, write_parquet
+from ._records import FrontRecord, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import Proposal, SearchSetup
 from ._strategies import alloc_slack, error_alloc_plan, grow_ranks, mutate_weights, strategy_plans
@@ -60,8 +59,8 @@ class SearchResult:
     run_dir: str
     trials: int
     finished: int
-    front: list[dict[str, Any]]
-    best: dict[str, Any] | None
+    front: list[FrontRecord]
+    best: FrontRecord | None
     baseline: dict[str, Any]
 
 
@@ -258,17 +257,7 @@ def _rebuild(setup: SearchSetup, folder: RunFolder, row: dict[str, Any]) -> torc
     return model.eval()
 
 
-PARETO_SCHEMA = (
-    TRIAL_SCHEMA.append(pa.field("test_acc", pa.float64()))
-    .append(pa.field("is_knee", pa.bool_()))
-    .append(pa.field("is_best", pa.bool_()))
-    # without a latency target: the member timed on this CPU after the search (front_latency.json)
-    .append(pa.field("cpu_latency_ms", pa.float64()))
-    .append(pa.field("cpu_latency_ratio", pa.float64()))
-)
-
-
-def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[str, Any]]) -> None:
+def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[FrontRecord]) -> list[FrontRecord]:
     """Without a latency target, time each front member and the original on this CPU (batch 1,
     float32, eager PyTorch), side by side, so that the report shows FLOPs and latency side by side
     even for a FLOPs-only search. Latency does not depend on the weights: the plans' structures
@@ -277,7 +266,7 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     ``front_latency_runs`` times (rounds of 10, side by side; 0 skips the step)."""
     runs = setup.config.front_latency_runs // 10 * 10
     if setup.latency is not None or not front or runs == 0:
-        return
+        return front
     from ._cpu_execution import choose_cpu_execution
     from .latency import Target, as_deployed, measure_side_by_side
 
@@ -300,9 +289,6 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
     ms = measure_side_by_side(
         models, input_shape=setup.data.input_shape, target=target, rounds=runs // 10, repeats=10
     )
-    for row in front:
-        row["cpu_latency_ms"] = ms[str(row["trial"])]
-        row["cpu_latency_ratio"] = ms[str(row["trial"])] / ms["original"]
     folder.write_json(
         "front_latency.json",
         {
@@ -319,17 +305,20 @@ def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[dict[s
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
+    return [
+        replace(row, cpu_latency_ms=ms[str(row.trial)], cpu_latency_ratio=ms[str(row.trial)] / ms["original"])
+        for row in front
+    ]
 
 
 def finalize(
     setup: SearchSetup, folder: RunFolder, runner: TrialRunner, rows: list[dict[str, Any]]
 ) -> SearchResult:
-    """Measure the front's test accuracy (once per member), mark the knee and the best, and write
-    pareto.parquet. Shared by both backends."""
+    """Measure the front's test accuracy (once per member), mark the knee and the best
+    (``mark_front``, by the run's objective), and write pareto.parquet. Shared by both backends."""
     costs = setup.config.costs
-    front = front_rows(rows, costs=costs)
     cache: dict[str, float] = folder.read_json("test_acc.json", {}) or {}
-    for row in front:
+    for row in front_rows(rows, costs=costs):
         key = str(row["trial"])
         if key not in cache:
             model = _rebuild(setup, folder, row)
@@ -338,27 +327,16 @@ def finalize(
                 if runner.channels_last:
                     model = model.to(memory_format=torch.channels_last)
                 cache[key] = runner.evaluate(model, split="test")
-        row["test_acc"] = cache.get(key)
     folder.write_json("test_acc.json", cache)
-    best = best_row(rows)
-    knee = knee_index([r["val_acc"] for r in front], [r[costs[-1]] for r in front]) if front else None
-    for i, row in enumerate(front):
-        row["is_knee"] = i == knee
-        row["is_best"] = best is not None and row["trial"] == best["trial"]
-    _front_cpu_latency(setup, folder, front)
-    write_parquet(rows_to_table(front, PARETO_SCHEMA), folder.pareto_parquet)
+    front = _front_cpu_latency(setup, folder, mark_front(rows, costs=costs, test_acc=cache))
+    write_parquet(rows_to_table(front, FrontRecord), folder.pareto_parquet)
     refresh_report(folder.path)
-    finished = sum(
-        1
-        for r in rows
-        if r["state"] == "COMPLETE" or (r["state"] == "FAIL" and r.get("status") != "interrupted")
-    )
     return SearchResult(
         run_dir=folder.path,
         trials=len(rows),
-        finished=finished,
+        finished=sum(1 for r in rows if is_finished(r)),
         front=front,
-        best=next((r for r in front if r.get("is_best")), None),
+        best=next((r for r in front if r.is_best), None),
         baseline=folder.read().get("baseline", {}),
     )
 

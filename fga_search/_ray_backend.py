@@ -56,7 +56,7 @@ from ._policy import (
     update_latency_aim,
 )
 from ._progress import Progress
-from ._records import read_table, rows_to_table, write_parquet
+from ._records import NOT_RECORDED, TrialRecord, read_table, rows_to_table, write_parquet
 from ._runfolder import RunFolder
 from ._setup import SearchSetup
 from ._study import count_finished, make_sampler, open_study, run_study_name, set_budget_constraint
@@ -345,7 +345,9 @@ def row_metrics(metrics: dict[str, Any], *, times: bool = False) -> dict[str, An
 
 def trial_row(config: dict[str, Any], metrics: dict[str, Any], error: str | None) -> dict[str, Any]:
     """A Ray trial as a row of the common schema."""
-    row: dict[str, Any] = {k: v for k, v in config.items() if k != "number"}
+    # the config holds the sampler's parameters (g:LAYER, r:LAYER: the plan column records them)
+    # beside the trial's record
+    row: dict[str, Any] = {k: v for k, v in config.items() if k in TrialRecord.columns() or k in NOT_RECORDED}
     row["trial"] = int(config["number"])
     row.update(row_metrics(metrics))
     if error is not None:
@@ -371,8 +373,9 @@ class _Progress(tune.Callback):
 
     live: dict[int, dict[str, Any]]
 
-    def __init__(self, parquet: str, total: int, quiet: bool) -> None:
+    def __init__(self, parquet: str, total: int, quiet: bool, costs: list[str]) -> None:
         self.parquet = parquet
+        self.costs = costs
         self.total = total
         self.quiet = quiet
         self.live = {}
@@ -399,7 +402,7 @@ class _Progress(tune.Callback):
         write_parquet(rows_to_table(rows), self.parquet)
         if len(rows) % REPORT_EVERY == 0:
             refresh_report(os.path.dirname(self.parquet))
-        best = best_row(rows)
+        best = best_row(rows, costs=self.costs)
         Progress(total=self.total, done=0, quiet=self.quiet).update(
             done=len(rows),
             number=row["trial"],
@@ -642,7 +645,7 @@ class RaySearch:
         if contention is not None and not c.quiet:
             print(f"warning: {contention}", file=sys.stderr)
         recorded = recorded_rows(self.folder.trials_parquet)
-        callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet)
+        callback = _Progress(self.folder.trials_parquet, c.trials, c.quiet, c.costs)
         trials = self.study().get_trials(deepcopy=False)
         finished = count_finished(trials)
         interrupted: list[dict[str, Any]] = []

@@ -1,77 +1,184 @@
-"""Trial records: one row per trial, the same schema for every backend, written as Parquet."""
+"""Trial records: one row per trial, the same for every backend, written as Parquet.
+
+``TrialRecord`` is the one definition of a trial's row: its fields are the columns of
+trials.parquet, and ``TRIAL_SCHEMA`` is derived from their types. ``FrontRecord`` adds what
+pareto.parquet holds for each member of the front (``FRONT_SCHEMA``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+import typing
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._atomic import atomic_write
 
-__all__ = ["TRIAL_SCHEMA", "read_table", "rows_to_table", "write_parquet"]
+__all__ = [
+    "FRONT_SCHEMA",
+    "NOT_RECORDED",
+    "TRIAL_SCHEMA",
+    "FrontRecord",
+    "TrialRecord",
+    "read_records",
+    "read_table",
+    "records_of",
+    "rows_to_table",
+    "schema_of",
+    "write_parquet",
+]
 
-TRIAL_SCHEMA = pa.schema(
-    [
-        ("trial", pa.int64()),
-        ("state", pa.string()),  # COMPLETE, FAIL, RUNNING, WAITING
-        ("status", pa.string()),  # ok, infeasible, failed, duplicate, interrupted
-        ("fail_reason", pa.string()),
-        ("val_acc", pa.float64()),
-        ("proxy_acc", pa.float64()),
-        ("flops_ratio", pa.float64()),
-        ("params_ratio", pa.float64()),
-        ("macs", pa.int64()),
-        ("macs_measured", pa.int64()),
-        ("params", pa.int64()),
-        ("latency_ms", pa.float64()),
-        ("latency_ratio", pa.float64()),
-        ("latency_estimate_ratio", pa.float64()),  # the lookup table's estimate, before the model is built
-        ("latency_aim", pa.float64()),  # latency budgets: what the repair aimed at (_latency_aim)
-        ("within_budget", pa.bool_()),
-        ("proposal_within_budget", pa.bool_()),
-        ("budget_metric", pa.string()),
-        ("budget", pa.float64()),
-        ("layers_decomposed", pa.int64()),
-        ("plan", pa.string()),  # JSON
-        ("source", pa.string()),  # sampler, requeued, or the rule that made the plan (warm start, strategy)
-        ("epochs", pa.float64()),
-        ("finetune_steps", pa.int64()),
-        ("seed", pa.int64()),
-        ("device", pa.string()),
-        ("backend", pa.string()),
-        ("node_id", pa.string()),
-        ("node_ip", pa.string()),
-        ("gpu_ids", pa.string()),
-        ("seconds_decompose", pa.float64()),
-        ("seconds_recalibrate", pa.float64()),
-        ("seconds_proxy", pa.float64()),
-        ("seconds_finetune", pa.float64()),
-        ("seconds_eval", pa.float64()),
-        ("seconds_flops", pa.float64()),
-        ("seconds_total", pa.float64()),
-        ("duplicate_of", pa.int64()),
-        ("requeued_from", pa.int64()),
-        ("datetime_start", pa.string()),
-        ("datetime_complete", pa.string()),
-    ]
-)
+# What the search keeps in the study beside a trial's row, not in trials.parquet: the allocation a
+# mutation starts from (``_policy.alloc_attrs``), the budget constraint the sampler saw, and the
+# metrics Ray's searcher keeps until the row is written (``result``: the row's own columns).
+NOT_RECORDED = frozenset({"alloc_weights", "alloc_slack", "constraint", "result"})
 
 
-def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema = TRIAL_SCHEMA) -> pa.Table:
-    rows = list(rows)
-    columns = {}
-    for f in schema:
-        values = []
-        for row in rows:
-            v = row.get(f.name)
+@dataclass(frozen=True, kw_only=True)
+class TrialRecord(Mapping[str, Any]):
+    """One trial: its proposal (plan, analytic cost, budget), its outcome and its timings.
+
+    Read as attributes (``record.val_acc``); a record also reads as a read-only mapping of its
+    columns (``record["val_acc"]``, ``record.get("val_acc")``), as the rows did before it. A
+    column a trial lacks is None."""
+
+    trial: int
+    state: str | None = None  # COMPLETE, FAIL, RUNNING, WAITING
+    status: str | None = None  # ok, infeasible, failed, duplicate, interrupted, running
+    fail_reason: str | None = None
+    val_acc: float | None = None
+    proxy_acc: float | None = None
+    flops_ratio: float | None = None
+    params_ratio: float | None = None
+    macs: int | None = None
+    macs_measured: int | None = None
+    params: int | None = None
+    latency_ms: float | None = None
+    latency_ratio: float | None = None
+    latency_estimate_ratio: float | None = None  # the lookup table's estimate, before the model is built
+    latency_aim: float | None = None  # latency budgets: what the repair aimed at (_latency_aim)
+    within_budget: bool | None = None
+    proposal_within_budget: bool | None = None
+    budget_metric: str | None = None
+    budget: float | None = None
+    layers_decomposed: int | None = None
+    plan: str | None = None  # JSON
+    source: str | None = None  # sampler, requeued, or the rule that made the plan (warm start, strategy)
+    epochs: float | None = None
+    finetune_steps: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    backend: str | None = None
+    node_id: str | None = None
+    node_ip: str | None = None
+    gpu_ids: str | None = None
+    seconds_decompose: float | None = None
+    seconds_latency: float | None = None  # measuring the built model on the latency target
+    seconds_recalibrate: float | None = None
+    seconds_proxy: float | None = None
+    seconds_finetune: float | None = None
+    seconds_eval: float | None = None
+    seconds_flops: float | None = None
+    seconds_total: float | None = None
+    duplicate_of: int | None = None
+    requeued_from: int | None = None
+    datetime_start: str | None = None
+    datetime_complete: str | None = None
+
+    @classmethod
+    def columns(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_row(cls: type[R], row: Mapping[str, Any], *, unknown: str = "error") -> R:
+        """A record from a row: dicts and lists are stored as JSON (the plan), a missing column is
+        None, ``NOT_RECORDED`` keys are left out. A key that is no column raises ``ValueError``
+        (``unknown="error"``, for what is written) or is left out (``unknown="ignore"``, for what
+        is read: a file written by a later version)."""
+        columns = cls.columns()
+        extra = sorted(k for k in row if k not in columns and k not in NOT_RECORDED)
+        if extra and unknown == "error":
+            raise ValueError(f"unknown {cls.__name__} column(s): {', '.join(map(str, extra))}")
+        values = {k: row[k] for k in columns if k in row}
+        for k, v in values.items():
             if isinstance(v, (dict, list)):
-                v = json.dumps(v)
-            values.append(v)
-        columns[f.name] = pa.array(values, type=f.type)
+                values[k] = json.dumps(v)
+        return cls(**values)
+
+    def to_row(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.columns()}
+
+    # the read-only mapping of the columns
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.columns():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns())
+
+    def __len__(self) -> int:
+        return len(self.columns())
+
+
+R = TypeVar("R", bound=TrialRecord)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontRecord(TrialRecord):
+    """A member of the Pareto front (pareto.parquet): the trial's record, its test accuracy and
+    whether it is the knee and the best within the budget (``_pareto.mark_front``)."""
+
+    test_acc: float | None = None
+    is_knee: bool | None = None
+    is_best: bool | None = None
+    # without a latency target: the member timed on this CPU after the search (front_latency.json)
+    cpu_latency_ms: float | None = None
+    cpu_latency_ratio: float | None = None
+
+
+_ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def schema_of(record: type[TrialRecord]) -> pa.Schema:
+    """The Arrow schema of a record class: one nullable column per field, in field order."""
+    hints = typing.get_type_hints(record)
+    out = []
+    for f in dataclasses.fields(record):
+        hint = hints[f.name]  # ``T | None``, or ``T`` for a column never null (the trial number)
+        (kind,) = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+        out.append(pa.field(f.name, _ARROW[kind]))
+    return pa.schema(out)
+
+
+TRIAL_SCHEMA = schema_of(TrialRecord)
+FRONT_SCHEMA = schema_of(FrontRecord)
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]], record: type[TrialRecord] = TrialRecord) -> pa.Table:
+    """The table of the rows, each through ``record.from_row``: a key that is no column of
+    ``record`` raises ``ValueError`` (it would otherwise be lost)."""
+    records = [r if type(r) is record else record.from_row(r) for r in rows]
+    schema = schema_of(record)
+    columns = {f.name: pa.array([getattr(r, f.name) for r in records], type=f.type) for f in schema}
     return pa.table(columns, schema=schema)
+
+
+def records_of(table: pa.Table, record: type[R]) -> list[R]:
+    """The table's rows as records, by trial number. A column the table lacks (a file written
+    before it was added) reads as None; one the record lacks is left out."""
+    rows = (record.from_row(row, unknown="ignore") for row in table.to_pylist())
+    return sorted(rows, key=lambda r: r.trial)
+
+
+def read_records(path: str, record: type[R]) -> list[R]:
+    """trials.parquet (``TrialRecord``) or pareto.parquet (``FrontRecord``) as records."""
+    return records_of(read_table(path), record)
 
 
 def write_parquet(table: pa.Table, path: str) -> None:

@@ -2,7 +2,8 @@
 
 Shared by the report and the export. ``pareto.parquet`` is used as the front when it is at least
 as new as ``trials.parquet`` (the search writes it last, at the end); while a search is running
-the front is recomputed from ``trials.parquet`` the way the search computes it.
+the front is computed from ``trials.parquet`` the way the search computes it (``mark_front``, by
+the run's objective).
 """
 
 from __future__ import annotations
@@ -11,33 +12,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ._pareto import best_row, front_rows, knee_index
-from ._records import read_table
+from ._pareto import is_finished, is_usable, mark_front, run_costs
+from ._records import FrontRecord, TrialRecord, read_records
 from ._runfolder import RunFolder
 
-__all__ = ["RunView", "is_finished", "is_usable", "read_run"]
-
-USABLE = ("ok", "duplicate")
-
-
-def is_usable(row: dict[str, Any]) -> bool:
-    """A trial with a trained model and a validation accuracy: COMPLETE with status ok or duplicate."""
-    return row.get("state") == "COMPLETE" and row.get("status") in USABLE and row.get("val_acc") is not None
-
-
-def is_finished(row: dict[str, Any]) -> bool:
-    """A trial that ended: complete (ok, duplicate, infeasible) or failed (not interrupted)."""
-    return row.get("state") == "COMPLETE" or (
-        row.get("state") == "FAIL" and row.get("status") != "interrupted"
-    )
+__all__ = ["RunView", "read_run"]
 
 
 @dataclass(frozen=True)
 class RunView:
     folder: RunFolder
     record: dict[str, Any]  # run.json
-    rows: list[dict[str, Any]]  # trials.parquet, by trial number
-    front: list[dict[str, Any]]  # by FLOPs ratio, with test_acc, is_knee and is_best
+    rows: list[TrialRecord]  # trials.parquet, by trial number
+    front: list[FrontRecord]  # by FLOPs ratio, with test_acc, is_knee and is_best
     front_source: str  # "pareto.parquet" or "trials.parquet"
 
     @property
@@ -49,39 +36,36 @@ class RunView:
         return dict(self.record.get("baseline") or {})
 
     @property
-    def usable(self) -> list[dict[str, Any]]:
+    def config(self) -> dict[str, Any]:
+        return dict(self.record.get("config") or {})
+
+    @property
+    def costs(self) -> list[str]:
+        """The run's objective's costs (``run_costs``): what its front trades accuracy for."""
+        return run_costs(self.config)
+
+    @property
+    def usable(self) -> list[TrialRecord]:
         return [r for r in self.rows if is_usable(r)]
 
     @property
-    def finished(self) -> list[dict[str, Any]]:
+    def finished(self) -> list[TrialRecord]:
         return [r for r in self.rows if is_finished(r)]
 
     @property
-    def best(self) -> dict[str, Any] | None:
-        return next((r for r in self.front if r.get("is_best")), None)
+    def best(self) -> FrontRecord | None:
+        return next((r for r in self.front if r.is_best), None)
 
     @property
-    def knee(self) -> dict[str, Any] | None:
-        return next((r for r in self.front if r.get("is_knee")), None)
+    def knee(self) -> FrontRecord | None:
+        return next((r for r in self.front if r.is_knee), None)
 
-    def row(self, trial: int) -> dict[str, Any] | None:
-        return next((r for r in self.rows if r["trial"] == trial), None)
+    def row(self, trial: int) -> TrialRecord | None:
+        return next((r for r in self.rows if r.trial == trial), None)
 
 
 def _mtime(path: str) -> int:
     return os.stat(path).st_mtime_ns
-
-
-def _computed_front(folder: RunFolder, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    front = [dict(r) for r in front_rows(rows)]
-    cache = folder.read_json("test_acc.json", {}) or {}
-    best = best_row(rows)
-    knee = knee_index([r["val_acc"] for r in front], [r["flops_ratio"] for r in front]) if front else None
-    for i, row in enumerate(front):
-        row.setdefault("test_acc", cache.get(str(row["trial"])))
-        row["is_knee"] = i == knee
-        row["is_best"] = best is not None and row["trial"] == best["trial"]
-    return front
 
 
 def read_run(run_dir: str) -> RunView:
@@ -97,21 +81,22 @@ def read_run(run_dir: str) -> RunView:
     if not os.path.isfile(folder.trials_parquet):
         raise ValueError(f"run folder {folder.path} has no finished trials (no trials.parquet yet)")
     try:
-        rows = sorted(read_table(folder.trials_parquet).to_pylist(), key=lambda r: r["trial"])
+        rows = read_records(folder.trials_parquet, TrialRecord)
     except Exception as exc:
         raise ValueError(f"run folder {folder.path}: cannot read trials.parquet ({exc})") from None
-    front: list[dict[str, Any]] | None = None
+    front: list[FrontRecord] | None = None
     source = "trials.parquet"
     pareto = folder.pareto_parquet
     if os.path.isfile(pareto) and _mtime(pareto) >= _mtime(folder.trials_parquet):
         try:
-            front = sorted(read_table(pareto).to_pylist(), key=lambda r: r["flops_ratio"])
+            front = sorted(read_records(pareto, FrontRecord), key=lambda r: r.flops_ratio or 0.0)
             source = "pareto.parquet"
         except Exception:
             front = None
-        known = {r["trial"] for r in rows if is_usable(r)}
-        if front is not None and not all(r["trial"] in known for r in front):
+        known = {r.trial for r in rows if is_usable(r)}
+        if front is not None and not all(r.trial in known for r in front):
             front, source = None, "trials.parquet"
     if front is None:
-        front = _computed_front(folder, rows)
+        costs = run_costs(record.get("config") or {})
+        front = mark_front(rows, costs=costs, test_acc=folder.read_json("test_acc.json", {}) or {})
     return RunView(folder=folder, record=record, rows=rows, front=front, front_source=source)

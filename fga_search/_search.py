@@ -313,7 +313,7 @@ class _OptunaSearch:
                 known[prop.key] = next(r for r in rows if r["trial"] == trial.number)
             outcome = result.outcome
             self.keep_front_checkpoints(rows, outcome.model if outcome is not None else None, trial.number)
-            best = best_row(rows)
+            best = best_row(rows, costs=c.costs)
             progress.update(
                 done=finished,
                 number=trial.number,

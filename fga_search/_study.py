@@ -275,6 +275,7 @@ def run_study_name(folder: RunFolder, config: RunConfig) -> str:
 
 def _recorded_numbers(folder: RunFolder) -> list[int]:
     """The trials trials.parquet records as finished (COMPLETE, or FAIL but not interrupted)."""
+    from ._pareto import is_finished as row_finished
     from ._records import read_table
 
     if not os.path.isfile(folder.trials_parquet):
@@ -283,11 +284,7 @@ def _recorded_numbers(folder: RunFolder) -> list[int]:
         rows = read_table(folder.trials_parquet).to_pylist()
     except (OSError, ValueError):
         return []
-    return sorted(
-        int(r["trial"])
-        for r in rows
-        if r.get("state") == "COMPLETE" or (r.get("state") == "FAIL" and r.get("status") != "interrupted")
-    )
+    return sorted(int(r["trial"]) for r in rows if row_finished(r))
 
 
 def check_resumable(folder: RunFolder, config: RunConfig) -> str:

@@ -58,7 +58,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "latency",
     ),
     # reading a run folder and reporting on it: only reads
-    "report": ("_report", "_runview"),
+    "report": ("_report", "_report_doc", "_report_plots", "_report_sections", "_runview"),
     # the search: its settings, set-up, trials, shared policy and the two backends
     "search": (
         "_baseline_cache",

@@ -13,7 +13,8 @@ import pytest
 
 from fga_search._cli import main
 from fga_search._pareto import hypervolume
-from fga_search._report import _seconds, markdown_table, write_report
+from fga_search._report import write_report
+from fga_search._report_doc import fmt_seconds, markdown_table
 from helpers import digits_trial, fake_run, rows
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -140,7 +141,8 @@ def test_report_content_is_the_runs_numbers(run_dir: Path) -> None:
     assert f"| trials | {len(trials)} finished of 8 asked: {len(done)} trained" in md
     device = sum(r["seconds_total"] for r in trials if r["seconds_total"] is not None)
     assert (
-        device > 0 and f"| device time | {_seconds(device)} (sum of the trials' seconds_total) on cpu |" in md
+        device > 0
+        and f"| device time | {fmt_seconds(device)} (sum of the trials' seconds_total) on cpu |" in md
     )
     base = record["baseline"]
     assert f"| digits_cnn | {100 * base['val_acc']:.2f} % | {100 * base['test_acc']:.2f} % | 1.78 M |" in md
