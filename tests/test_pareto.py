@@ -104,7 +104,7 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
     trials), the export picks and the command line marks. The run view ranked by FLOPs only."""
     from types import SimpleNamespace
 
-    from fga_search._export import _select
+    from fga_search._export_select import _row as pick
     from fga_search._policy import finalize
     from fga_search._runfolder import RunFolder
     from fga_search._runview import read_run
@@ -139,5 +139,5 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
     assert live.knee is not None and live.knee["trial"] == 2  # was 1: ranked by FLOPs
     assert live.best is not None and live.best["trial"] == 3
     assert [r["trial"] for r in live.front] == [r["trial"] for r in written]
-    assert _select(live, "knee")[0]["trial"] == 2 and _select(live, "best")[0]["trial"] == 3
-    assert _select(finished, "knee")[0]["trial"] == 2 and _select(finished, "best")[0]["trial"] == 3
+    assert pick(live, "knee")[0]["trial"] == 2 and pick(live, "best")[0]["trial"] == 3
+    assert pick(finished, "knee")[0]["trial"] == 2 and pick(finished, "best")[0]["trial"] == 3
