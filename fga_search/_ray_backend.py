@@ -233,7 +233,8 @@ class _DriverSearcher(Searcher):  # type: ignore[misc]
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Searcher.FINISHED is a str, which Ray's own annotation of suggest leaves out
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         assert self.driver is not None
         pending = self.driver.next_trial()
         if pending is None:  # nothing more to hand out: wait for those in flight, then stop
