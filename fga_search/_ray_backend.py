@@ -113,8 +113,6 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "gpu_ids": json.dumps([str(g) for g in ray.get_gpu_ids()]),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        "pid": os.getpid(),
     }
     runner = _runner(payload)
     result = run_trial(runner, load_plan(config["plan"]), seed=config["seed"])
@@ -345,13 +343,13 @@ def run_on_ray(driver: SearchDriver) -> SearchResult:
         print(f"warning: {contention}", file=sys.stderr)
     storage_path = os.path.abspath(c.storage_path or driver.folder.path)
     experiment = os.path.join(storage_path, EXPERIMENT)
-    if os.path.exists(experiment):  # an earlier driver's: the study, not Tune's state, goes on
-        aside = f"{experiment}.resumed-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(experiment, aside)
-        driver.progress.note(
-            f"resuming the Ray experiment in {experiment} from the study (Tune's state moved to {aside})"
-        )
     if driver.wants_more():
+        if os.path.exists(experiment):  # an earlier driver's: the study, not Tune's state, goes on
+            aside = f"{experiment}.resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(experiment, aside)
+            driver.progress.note(
+                f"resuming the Ray experiment in {experiment} from the study (Tune's state moved to {aside})"
+            )
         searcher = _DriverSearcher(driver)
         trainable = tune.with_parameters(_trainable, payload=_payload(setup, driver.folder.path))
         tuner = tune.Tuner(
