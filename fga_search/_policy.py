@@ -1,8 +1,8 @@
-"""What both search backends share: the search's policy (its initial plans, the mutations of the
-best allocation so far, the budget constraint the sampler sees, what a trial records) and the end
-of a run (``finalize``: the front's test accuracy, knee and best, pareto.parquet, the report).
+"""The search's policy rules (its initial plans, the mutations of the best allocation so far,
+the budget constraint the sampler sees, what a trial records) and the end of a run
+(``finalize``: the front's test accuracy, knee and best, pareto.parquet, the report).
 
-The backends (``_search``'s Optuna loop, ``_ray_backend``) import it; it imports neither of them.
+The search driver (``_driver``) applies them, once for both executors.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def enqueue_initial_plans(setup: SearchSetup, study: optuna.Study) -> None:
 
 def mutation_rng(config: RunConfig, finished: int) -> random.Random:
     """The random stream that decides between mutations and sampler proposals: the same in both
-    backends for a new run (a resumed Optuna run continues on a stream of its own)."""
+    backends for a new run (a resumed run continues on a stream of its own)."""
     return random.Random(config.seed * 7919 + finished)
 
 

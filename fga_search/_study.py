@@ -136,16 +136,11 @@ def count_finished(trials: Sequence[FrozenTrial]) -> int:
     return sum(1 for t in trials if is_finished(t))
 
 
-def recover_interrupted(
-    study: optuna.Study,
-    *,
-    requeue: bool = True,
-    reason: str = "interrupted: the process stopped mid-trial",
-) -> list[int]:
-    """Mark trials left RUNNING by a killed process as failed ('interrupted', with ``reason``)
-    and, with ``requeue``, re-queue their parameters, once, where they were all drawn (the trial
-    had recorded its plan: one killed mid-suggestion had only some). Returns the recovered trial
-    numbers."""
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a killed process (a driver, or the trials it had handed to
+    workers) as failed ('interrupted') and re-queue their parameters, once, where they were all
+    drawn (the trial had recorded its plan: one killed mid-suggestion had only some). Returns the
+    recovered trial numbers."""
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("requeued_from") for t in trials}
     recovered = []
@@ -157,10 +152,10 @@ def recover_interrupted(
     for t in trials:
         if t.state != TrialState.RUNNING:
             continue
-        if requeue and t.number not in requeued and t.params and "record" in t.user_attrs:
+        if t.number not in requeued and t.params and "record" in t.user_attrs:
             study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
         storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")
         storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         recovered.append(t.number)
     return recovered

@@ -59,10 +59,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # reading a run folder and reporting on it: only reads
     "report": ("_report", "_report_doc", "_report_plots", "_report_sections", "_runview"),
-    # the search: its settings, set-up, trials, shared policy and the two backends
+    # the search: its settings, set-up, trials, policy, its driver and the two executors
     "search": (
         "_baseline_cache",
         "_config",
+        "_driver",
         "_latency_aim",
         "_option",
         "_policy",

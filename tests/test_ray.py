@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -236,33 +237,24 @@ def tune_state_whole(experiment: Path) -> bool:
     return True
 
 
-@pytest.mark.parametrize("tune_state", ["kept", "unreadable", "stale-searcher"])
+@pytest.mark.parametrize("tune_state", ["kept", "unreadable", "study-only"])
 def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     cluster: Cluster, tune_state: str
 ) -> None:
-    """``unreadable``: the kill came while Tune wrote its experiment state (seen once in CI: Tune
-    then logs "Failed to restore the run state" and resumes with no trials); the trials the
-    killed driver had recorded must survive all the same. ``stale-searcher``: the kill came
-    between Tune's writes of its trials and of its searcher (it writes them one after the other),
-    so the searcher's saved state is older: restored by Tune, it lost two trials (and raised
-    KeyError on a trial it did not know) or, with an older trial counter, ran a seventh."""
+    """The study is the only source of truth: whatever the killed driver left of Tune's
+    experiment and of trials.parquet, the resumed run goes on from the study. ``kept``: killed
+    between the study's tell and the row's write (trials.parquet lacks the last finished trial).
+    ``unreadable``: Tune's experiment state was half-written (seen once in CI, when Tune's own
+    restore was used). ``study-only``: Tune's experiment folder and trials.parquet are gone."""
     run = cluster.root / f"driver-killed-{tune_state}"
     args = ["--gpus-per-trial", "0.5", "--trials", "6", "--epochs", "12", "--out", str(run)]
     proc = cluster.cli(args)
     deadline = time.monotonic() + 300
-    first_searcher: dict[Path, bytes] = {}  # the searcher's state as Tune first saved it
-    # killed once two trials are recorded and Tune's newest experiment state is whole: a kill
-    # during Tune's write of that state is the ``unreadable`` case, made below on purpose
+    # killed once two trials are recorded and Tune's newest experiment state is whole: the
+    # ``unreadable`` case damages it below, on purpose
     while len(done(run / "trials.parquet")) < 2 or not tune_state_whole(run / "ray"):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
-        if not first_searcher:
-            saved = [
-                *(run / "ray").glob("searcher-state-*.pkl"),
-                *(run / "ray").glob("search_gen_state-*.json"),
-            ]
-            if len(saved) == 2:
-                first_searcher = {path: path.read_bytes() for path in saved}
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -278,21 +270,19 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
         last = max(before)
         kept = [r for r in rows(run / "trials.parquet") if r["trial"] != last]
         write_parquet(rows_to_table(kept), str(run / "trials.parquet"))
-    if tune_state == "stale-searcher":
-        assert first_searcher
-        for path, data in first_searcher.items():
-            path.write_bytes(data)
+    if tune_state == "study-only":
+        shutil.rmtree(run / "ray")
+        (run / "trials.parquet").unlink()
     out, err = wait(cluster.cli(args))
-    if tune_state != "unreadable":
-        assert "resuming the Ray experiment" in err
-        assert len(list(run.glob("ray.resumed-*"))) == 1  # the killed driver's experiment, kept aside
+    aside = list(run.glob("ray.resumed-*"))  # the killed driver's experiment, kept aside, never restored
+    if tune_state != "study-only":
+        assert "resuming the Ray experiment" in err and len(aside) == 1, err
     else:
-        assert re.search(
-            r"Ray's experiment state in \S+ is unreadable \(moved to \S+\.unreadable-\d+-\d+\)", err
-        ), err
+        assert not aside
+    assert re.search(r"resuming: trial\(s\) \[[\d, ]+\] were interrupted and are re-queued", err), err
     after = rows(run / "trials.parquet")
     numbers = [r["trial"] for r in after]
-    assert len(numbers) == len(set(numbers))
+    assert sorted(numbers) == list(range(len(numbers)))  # every trial number exactly once
     complete = [r for r in after if r["state"] == "COMPLETE"]
     assert len(complete) == 6  # the trial count holds
     # a trial the killed driver had asked for but not started is recorded as interrupted, never lost silently
@@ -367,46 +357,86 @@ def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Pat
     assert abs(hv[0] - hv[1]) <= 0.05
 
 
-def test_the_searcher_tells_the_sampler_a_measured_excess_over_a_latency_budget(tmp_path: Path) -> None:
-    """Ray's searcher sets each trial's constraint when the trial ends: 0 within the budget, 1
-    for a plan over it after repair, and for a trial the target measured over a latency budget
-    its excess (set at suggest time, it was 0 for such a trial)."""
+def test_the_searcher_tells_the_sampler_a_measured_excess_over_a_latency_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune's searcher hands each trial's end to the driver, which sets its constraint: 0 within
+    the budget, 1 for a plan over it after repair (told without running: Tune never sees it), and
+    for a trial the target measured over a latency budget its excess. The study is told, and
+    trials.parquet is written from it."""
+    import dataclasses
+
     import optuna
 
-    from fga_search._ray_backend import _MutatingSearch
-    from fga_search._study import make_sampler
+    from fga_search._config import RunConfig
+    from fga_search._driver import SearchDriver
+    from fga_search._ray_backend import _DriverSearcher
+    from fga_search._runfolder import RunFolder
+    from fga_search._setup import prepare
 
-    proposals = iter([(True, 0.5), (False, 0.95), (True, 0.6), (True, 0.6)])
-
-    def space(trial: optuna.Trial) -> None:  # a define-by-run space, as _Space is
-        trial.suggest_int("x", 0, 3)
-        within, estimate = next(proposals)
-        trial.set_user_attr(
-            "record", {"within_budget": within, "budget": 0.7, "latency_estimate_ratio": estimate}
-        )
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/study.db")
-    searcher = _MutatingSearch(
-        key=str(tmp_path / "not-a-run"),  # no setup under this key: no mutations, no aim
-        rng=__import__("random").Random(0),
-        space=space,
-        metric=["val_acc", "latency_ratio"],
-        mode=["max", "min"],
-        sampler=make_sampler("nsga2", seed=0, population=None, trials=4),
-        storage=storage,
-        study_name="s",
-        seed=0,
+    config = RunConfig(
+        out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.7, strategy="random", trials=4
     )
+    setup = prepare(config, log=False)
+    folder = RunFolder(config.out)
+    os.makedirs(folder.models_dir)
+    propose, within = setup.propose, iter([True, False, True, True])
+    monkeypatch.setattr(
+        setup, "propose", lambda plan: dataclasses.replace(propose(plan), within_budget=next(within))
+    )
+    searcher = _DriverSearcher(SearchDriver(setup, folder, None, backend="ray"))  # type: ignore[arg-type]
     results = [
-        {"val_acc": 0.8, "latency_ratio": 0.66, "status": "ok"},
-        {"val_acc": 0.0, "latency_ratio": 0.95, "status": "infeasible"},  # never built
+        {"val_acc": 0.8, "latency_ratio": 0.66, "status": "ok", "time_total_s": 1.0},
         {"val_acc": 0.0, "latency_ratio": 0.83, "status": "infeasible"},  # measured over 0.7
-        None,  # the trial raised an error
+        None,  # the trial's worker failed twice
     ]
+    suggested = []
     for i, result in enumerate(results):
-        assert searcher.suggest(f"t{i}") is not None
+        config_ = searcher.suggest(f"t{i}")
+        assert isinstance(config_, dict)
+        suggested.append(config_["number"])
         searcher.on_trial_complete(f"t{i}", result=result, error=result is None)
-    study = optuna.load_study(study_name="s", storage=storage)
+    assert suggested == [0, 2, 3]  # trial 1, over the budget after repair, never ran
+    assert searcher.suggest("t3") == "FINISHED"
+    study = optuna.load_study(
+        study_name=searcher.driver.study.study_name, storage=f"sqlite:///{folder.study_db}"
+    )
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
     assert [t.user_attrs["constraint"] for t in trials] == pytest.approx([0.0, 1.0, 0.13, 0.0])
+    table = rows(Path(folder.trials_parquet))
+    assert [r["status"] for r in table] == ["ok", "infeasible", "infeasible", "failed"]
+    assert table[0]["val_acc"] == 0.8 and table[2]["latency_ratio"] == 0.83
+    assert table[3]["fail_reason"] == "the trial's Ray worker failed twice (retried once)"
+
+
+def test_a_resumed_ray_run_reseeds_its_sampler_and_prints_a_real_eta(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Drift bugs of the old Ray backend: a resumed run replayed the first run's sampler
+    proposals (its sampler kept the run's seed), and each progress line built a fresh ETA clock,
+    so the ETA was always about 0 s. One local Ray instance for both runs."""
+    import optuna
+    import ray
+
+    from fga_search import search
+
+    run = tmp_path / "run"
+    common = {"out": str(run), "backend": "ray", "strategy": "random", "epochs": 0.2, "max_concurrent": 1}
+    try:
+        search(**common, trials=3, front_latency_runs=0)
+        first = capfd.readouterr().err
+        search(**common, trials=6, front_latency_runs=0)
+        second = capfd.readouterr().err
+    finally:
+        ray.shutdown()
+    for err, total in ((first, 3), (second, 6)):
+        lines = re.findall(r"^\[(\d+)/(\d+)\] trial \d+ done .*\| ETA (\S+)$", err, re.MULTILINE)
+        assert len(lines) == 3 and all(int(t) == total for _, t, _ in lines), err
+        for done_, _, eta in lines:  # while trials remain, the ETA is what they would take: not 0
+            assert (eta == "0s") == (int(done_) == total), err
+    name = json.loads((run / "run.json").read_text())["study_name"]
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{run / 'study.db'}").trials
+    assert [t.number for t in trials] == list(range(6)) and all(t.state.name == "COMPLETE" for t in trials)
+    params = [t.params for t in trials]
+    assert all(a != b for a, b in zip(params[:3], params[3:])), params  # not a replay of the first run
