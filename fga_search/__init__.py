@@ -13,68 +13,68 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
-    from ._checkpoint import WeightsError
-    from ._compress import compress
-    from ._config import RunConfig
-    from ._data import DataBundle, load_dataset
-    from ._export import (
+    from .core._fga import FGAConv2d
+    from .core._flops import FlopCount, ModelProfile, count_flops
+    from .core._geometry import LayerInfo, decomposable_layers
+    from .core._plan import KEEP, Plan, load_plan, plan_to_json
+    from .core._refine import LayerFit, refine, refinement_report
+    from .core._surgery import decompose
+    from .data._data import DataBundle, load_dataset
+    from .export._export import (
         ExportFormatError,
         ExportResult,
         ExportVerificationError,
         export,
         load_exported,
     )
-    from ._fga import FGAConv2d
-    from ._flops import FlopCount, ModelProfile, count_flops
-    from ._geometry import LayerInfo, decomposable_layers
-    from ._loader import Normalization
-    from ._pareto import pareto_front
-    from ._plan import KEEP, Plan, load_plan, plan_to_json
-    from ._records import FrontRecord, TrialRecord
-    from ._refine import LayerFit, refine, refinement_report
-    from ._report import write_report
-    from ._search import SearchResult, search
-    from ._setup import LatencyBudgetError
-    from ._surgery import decompose
-    from ._zoo import build_model, list_models, register_model
+    from .models._checkpoint import WeightsError
+    from .models._loader import Normalization
+    from .models._zoo import build_model, list_models, register_model
+    from .report._report import write_report
+    from .runs._pareto import pareto_front
+    from .runs._records import FrontRecord, TrialRecord
+    from .search._config import RunConfig
+    from .search._search import SearchResult, search
+    from .search._setup import LatencyBudgetError
+    from .train._compress import compress
 
 # public name -> the private module that defines it
 _LAZY: dict[str, str] = {
-    "KEEP": "._plan",
-    "DataBundle": "._data",
-    "ExportFormatError": "._export",
-    "ExportResult": "._export",
-    "ExportVerificationError": "._export",
-    "FGAConv2d": "._fga",
-    "FlopCount": "._flops",
-    "FrontRecord": "._records",
-    "LatencyBudgetError": "._setup",
-    "LayerFit": "._refine",
-    "LayerInfo": "._geometry",
-    "ModelProfile": "._flops",
-    "Normalization": "._loader",
-    "Plan": "._plan",
-    "RunConfig": "._config",
-    "SearchResult": "._search",
-    "TrialRecord": "._records",
-    "WeightsError": "._checkpoint",
-    "build_model": "._zoo",
-    "compress": "._compress",
-    "count_flops": "._flops",
-    "decomposable_layers": "._geometry",
-    "decompose": "._surgery",
-    "export": "._export",
-    "list_models": "._zoo",
-    "load_dataset": "._data",
-    "load_exported": "._export",
-    "load_plan": "._plan",
-    "pareto_front": "._pareto",
-    "plan_to_json": "._plan",
-    "refine": "._refine",
-    "refinement_report": "._refine",
-    "register_model": "._zoo",
-    "search": "._search",
-    "write_report": "._report",
+    "KEEP": ".core._plan",
+    "DataBundle": ".data._data",
+    "ExportFormatError": ".export._export",
+    "ExportResult": ".export._export",
+    "ExportVerificationError": ".export._export",
+    "FGAConv2d": ".core._fga",
+    "FlopCount": ".core._flops",
+    "FrontRecord": ".runs._records",
+    "LatencyBudgetError": ".search._setup",
+    "LayerFit": ".core._refine",
+    "LayerInfo": ".core._geometry",
+    "ModelProfile": ".core._flops",
+    "Normalization": ".models._loader",
+    "Plan": ".core._plan",
+    "RunConfig": ".search._config",
+    "SearchResult": ".search._search",
+    "TrialRecord": ".runs._records",
+    "WeightsError": ".models._checkpoint",
+    "build_model": ".models._zoo",
+    "compress": ".train._compress",
+    "count_flops": ".core._flops",
+    "decomposable_layers": ".core._geometry",
+    "decompose": ".core._surgery",
+    "export": ".export._export",
+    "list_models": ".models._zoo",
+    "load_dataset": ".data._data",
+    "load_exported": ".export._export",
+    "load_plan": ".core._plan",
+    "pareto_front": ".runs._pareto",
+    "plan_to_json": ".core._plan",
+    "refine": ".core._refine",
+    "refinement_report": ".core._refine",
+    "register_model": ".models._zoo",
+    "search": ".search._search",
+    "write_report": ".report._report",
 }
 
 __all__ = [

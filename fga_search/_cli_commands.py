@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from ._paths import check_out_path
+from fga_search._util._paths import check_out_path
 
 __all__ = ["COMMANDS", "Parser", "command_parser", "run_command"]
 
@@ -97,7 +97,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ._report import write_report
+    from fga_search.report._report import write_report
 
     if args.out is not None:
         check_out_path(args.out)
@@ -149,7 +149,7 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ._export import ExportVerificationError, export
+    from fga_search.export._export import ExportVerificationError, export
 
     check_out_path(args.out)
     options = vars(args).copy()  # the export command's options are export()'s keyword arguments

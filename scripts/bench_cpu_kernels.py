@@ -8,7 +8,7 @@ conv. Then whole models: the original ResNet-56 and its error-allocation plan at
 grouped and with block-diagonal execution. Last, the original and uniform plans (g = 1, 2, 4, 8 at
 ~18 % of the FLOPs) in eager PyTorch, frozen TorchScript and ONNX Runtime, each against the
 original in the same runtime. Last, the export's per-layer choice of execution
-(``fga_search._cpu_execution``) on the error-allocation plan and the uniform plans: with
+(``fga_search.deploy._cpu_execution``) on the error-allocation plan and the uniform plans: with
 block-diagonal execution only, and with folding pairs into one dense conv as well; and what a
 folded FGA layer costs per call beyond the nn.Conv2d it computes. All timed side by side, round by
 round; medians, and ratios to the dense conv / the original model.
@@ -29,13 +29,13 @@ from torch import nn
 
 from _bench_common import checkpoint
 from fga_search import ModelProfile, build_model
-from fga_search._cost import CostModel
-from fga_search._fga import FGAConv2d
-from fga_search._runtime_latency import interleaved
-from fga_search._space import load_space
-from fga_search._spectra import SpectralTable
-from fga_search._strategies import error_alloc_plan, uniform_plan
-from fga_search._surgery import apply_plan_structure
+from fga_search.core._fga import FGAConv2d
+from fga_search.core._spectra import SpectralTable
+from fga_search.core._surgery import apply_plan_structure
+from fga_search.deploy._runtime_latency import interleaved
+from fga_search.search._cost import CostModel
+from fga_search.search._space import load_space
+from fga_search.search._strategies import error_alloc_plan, uniform_plan
 
 
 def block_diagonal(conv: nn.Conv2d) -> torch.Tensor:
@@ -172,7 +172,7 @@ def runtimes(model: nn.Module, profile: ModelProfile, runs: int) -> None:
 def export_choice(model: nn.Module, profile: ModelProfile, alloc: dict, runs: int) -> None:
     """Each plan as the export runs it: every FGA layer timed each way it can run, the fastest
     kept (then the whole model must be faster), with and without the dense (folded) execution."""
-    from fga_search._cpu_execution import choose_cpu_execution
+    from fga_search.deploy._cpu_execution import choose_cpu_execution
 
     plans = {f"error-alloc (FLOPs {profile.ratio(alloc):.3f})": alloc}
     for g in (1, 2, 4, 8):

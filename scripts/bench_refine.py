@@ -2,7 +2,7 @@
 
 The refinement refits each FGA layer's 1x1 conv by ridge least squares on sampled positions of
 the calibration images. Where a layer has fewer than 10 positions per fitted weight, the ridge
-strength is chosen on held-out positions (``fga_search/_refine.py``); "off" fits every layer with
+strength is chosen on held-out positions (``fga_search/core/_refine.py``); "off" fits every layer with
 the weakest ridge, as if it were well determined (the behaviour before that choice). For uniform
 plans (g = 1, 4, 8) of the shared ResNet-56 and VGG-16, each row is a trial without fine-tuning:
 SVD + refinement on the first N of 128 calibration images + BN recalibration (512 images),
@@ -21,11 +21,11 @@ import time
 
 import torch
 
-import fga_search._refine as refine_module
+import fga_search.core._refine as refine_module
 from _bench_common import WEIGHTS, checkpoint, cifar_dir
-from fga_search._config import RunConfig
-from fga_search._setup import make_runner, prepare
-from fga_search._strategies import uniform_plan
+from fga_search.search._config import RunConfig
+from fga_search.search._setup import make_runner, prepare
+from fga_search.search._strategies import uniform_plan
 
 
 def main() -> None:

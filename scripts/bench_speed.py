@@ -49,15 +49,9 @@ from torch import nn
 
 from _bench_common import checkpoint, cifar_dir
 from fga_search import ModelProfile, build_model, export, load_exported
-from fga_search._bn_fold import folded_copy
-from fga_search._config import RunConfig
-from fga_search._cost import CostModel
-from fga_search._search import run_search
-from fga_search._setup import LatencyBudgetError, calibrate_latency
-from fga_search._space import load_space
-from fga_search._spectra import SpectralTable
-from fga_search._strategies import error_alloc_plan, uniform_plan
-from fga_search._surgery import apply_plan_structure
+from fga_search.core._bn_fold import folded_copy
+from fga_search.core._spectra import SpectralTable
+from fga_search.core._surgery import apply_plan_structure
 from fga_search.latency import (
     LatencyModel,
     LatencyTable,
@@ -65,6 +59,12 @@ from fga_search.latency import (
     measure_side_by_side,
     measure_side_by_side_as_exported,
 )
+from fga_search.search._config import RunConfig
+from fga_search.search._cost import CostModel
+from fga_search.search._search import run_search
+from fga_search.search._setup import LatencyBudgetError, calibrate_latency
+from fga_search.search._space import load_space
+from fga_search.search._strategies import error_alloc_plan, uniform_plan
 
 
 def side_by_side(
@@ -210,7 +210,7 @@ def cpu(args: argparse.Namespace) -> None:
             f"(original test {result.baseline['test_acc']:.4f})"
         )
     print(
-        "4. batch-norm folding (the export's, fga_search._bn_fold), latency ratio vs the same model unfolded:"
+        "4. batch-norm folding (the export's, fga_search.core._bn_fold), latency ratio vs the same model unfolded:"
     )
     print(f"  original: {ms['original+bnfold'] / base:.3f}")
     for label in runs:
@@ -276,9 +276,9 @@ def plain_loop(
 
 
 def gpu(args: argparse.Namespace) -> None:
-    from fga_search._finetune import FinetuneConfig, finetune
-    from fga_search._setup import prepare
-    from fga_search._trial import TrialRunner
+    from fga_search.search._setup import prepare
+    from fga_search.train._finetune import FinetuneConfig, finetune
+    from fga_search.train._trial import TrialRunner
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -358,7 +358,7 @@ def gpu(args: argparse.Namespace) -> None:
         best = result.best
         target = Target.parse(target_name, batch=args.target_batch, dtype="bf16")
         original = runner.model
-        from fga_search._plan import load_plan
+        from fga_search.core._plan import load_plan
 
         built = apply_plan_structure(copy.deepcopy(original), load_plan(best["plan"]))
         ms = side_by_side(

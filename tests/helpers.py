@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fga_search._records import read_table
+from fga_search.runs._records import read_table
 
 
 def cli_env(home: Path) -> dict[str, str]:
@@ -39,7 +39,7 @@ def rows(path: Path) -> list[dict]:
 def digits_trial(trial: int, plan: dict | None, **fields: object) -> dict:
     """A trials.parquet row for the quickstart's digits CNN, priced by the analytic FLOPs count."""
     from fga_search import build_model
-    from fga_search._flops import ModelProfile
+    from fga_search.core._flops import ModelProfile
 
     row: dict = {"trial": trial, "state": "COMPLETE", "status": "ok", "seed": trial, "epochs": 1.0}
     if plan is not None:
@@ -62,7 +62,7 @@ def digits_trial(trial: int, plan: dict | None, **fields: object) -> dict:
 def fake_run(path: Path, trials: list[dict]) -> Path:
     """A run folder written by hand, without training: run.json of a quickstart run and the given
     trials.parquet rows (see ``digits_trial``). Enough for the report and the export's input checks."""
-    from fga_search._records import rows_to_table, write_parquet
+    from fga_search.runs._records import rows_to_table, write_parquet
 
     path.mkdir(parents=True)
     (path / "models").mkdir()
@@ -121,8 +121,8 @@ def wide_cnn_latency(pair_ms, *, dense_ms: float = 0.1):  # type: ignore[no-unty
     whose table is written by hand: every dense layer ``dense_ms``, each FGA candidate
     ``pair_ms(info, g, r)``; only the whole original is measured. Set XDG_CACHE_HOME first."""
     from fga_search import KEEP, ModelProfile
-    from fga_search._space import load_space
     from fga_search.latency import LatencyModel, LatencyTable, Target
+    from fga_search.search._space import load_space
 
     model = wide_cnn()
     profile = ModelProfile(model, input_shape=(1, 8, 8))

@@ -70,10 +70,10 @@ def test_unknown_name_is_an_attribute_error() -> None:
 
 
 def test_errors_and_normalization_are_public() -> None:
-    from fga_search._checkpoint import WeightsError
-    from fga_search._export import ExportFormatError, ExportVerificationError
-    from fga_search._loader import Normalization
-    from fga_search._setup import LatencyBudgetError
+    from fga_search.export._export import ExportFormatError, ExportVerificationError
+    from fga_search.models._checkpoint import WeightsError
+    from fga_search.models._loader import Normalization
+    from fga_search.search._setup import LatencyBudgetError
 
     assert fga_search.LatencyBudgetError is LatencyBudgetError
     assert fga_search.ExportVerificationError is ExportVerificationError

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fga_search import FGAConv2d, build_model
-from fga_search._bn_fold import conv_bn_pairs, fold_batchnorms, folded_copy
+from fga_search.core._bn_fold import conv_bn_pairs, fold_batchnorms, folded_copy
 
 
 def _trained_bn(bn: nn.BatchNorm2d, seed: int) -> nn.BatchNorm2d:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from fga_search._checkpoint import cpu_state_dict, load_state_dict_file, load_weights
+from fga_search.models._checkpoint import cpu_state_dict, load_state_dict_file, load_weights
 
 
 def mnasnet() -> torch.nn.Module:

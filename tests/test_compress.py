@@ -10,11 +10,11 @@ import torch
 
 import fga_search
 from fga_search import compress, load_plan
-from fga_search._config import RunConfig
-from fga_search._evaluate import evaluate
-from fga_search._loader import DeviceSplit, Normalization
-from fga_search._records import read_table
-from fga_search._setup import prepare
+from fga_search.models._loader import DeviceSplit, Normalization
+from fga_search.runs._records import read_table
+from fga_search.search._config import RunConfig
+from fga_search.search._setup import prepare
+from fga_search.train._evaluate import evaluate
 
 
 def test_compress_reproduces_a_recorded_trials_proxy_accuracy(run_dir: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fga_search import FGAConv2d, decompose
-from fga_search._cpu_execution import apply_cpu_execution, choose_cpu_execution
+from fga_search.deploy._cpu_execution import apply_cpu_execution, choose_cpu_execution
 from fga_search.latency import Target
 
 PLAN = {"0": (1, 2), "2": (2, 3), "4": (4, 2)}  # "0" has g = 1: grouped or dense, no block-diagonal
@@ -90,7 +90,7 @@ def test_the_whole_model_decides(
     # per layer: block-diagonal fastest where it can run ("2", "4"), else dense ("0": g = 1)
     ms = {"grouped": 2.0, "block_diagonal": 1.0, "dense": 1.5, "before": 1.0, "after": after}
     ms.update({"all block-diagonal": all_block, "all dense": all_dense})
-    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    monkeypatch.setattr("fga_search.deploy._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16))
     assert result["kept"] is bool(kept) and result["layers"] == kept
@@ -103,7 +103,7 @@ def test_the_whole_model_decides(
 def test_dense_is_chosen_where_it_is_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
     ms = {"grouped": 2.0, "block_diagonal": 1.5, "dense": 1.0, "before": 1.0, "after": 0.5, "all dense": 0.6}
     ms["all block-diagonal"] = 0.7
-    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    monkeypatch.setattr("fga_search.deploy._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_layers_faster_grouped_alone_can_still_run_dense(
     # tried all the same
     ms = {"grouped": 1.0, "block_diagonal": 2.0, "dense": 1.5, "before": 1.0, "all dense": all_dense}
     ms["all block-diagonal"] = 1.2
-    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    monkeypatch.setattr("fga_search.deploy._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16))
     assert result["layers"] == kept and result["kept"] is bool(kept) and result["candidates"] == 3
@@ -153,7 +153,7 @@ def test_each_layer_geometry_is_timed_once(monkeypatch: pytest.MonkeyPatch) -> N
         timed.append(list(models))
         return {name: ms[name] for name in models}
 
-    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", measure)
+    monkeypatch.setattr("fga_search.deploy._cpu_execution.measure_side_by_side", measure)
     torch.manual_seed(0)
     same = nn.Sequential(*(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))).eval()
     plan = {"0": (2, 3), "1": (2, 3), "2": (2, 3), "3": (4, 2)}  # two geometries
@@ -185,7 +185,7 @@ def test_every_timing_is_on_the_target_and_each_target_is_timed_anew(monkeypatch
         seen.append((target, tuple(input_shape)))
         return {name: ms[name] for name in models}
 
-    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", measure)
+    monkeypatch.setattr("fga_search.deploy._cpu_execution.measure_side_by_side", measure)
     memo: dict[tuple[object, ...], str] = {}
     batched = Target("cpu", 1, 8, "bf16")
     choose_cpu_execution(decompose(cnn(12), PLAN), input_shape=(3, 16, 16), target=batched, memo=memo)
@@ -203,7 +203,7 @@ def test_every_timing_is_on_the_target_and_each_target_is_timed_anew(monkeypatch
 
 def test_the_ways_tried_can_be_limited(monkeypatch: pytest.MonkeyPatch) -> None:
     ms = {"grouped": 2.0, "block_diagonal": 1.5, "dense": 1.0, "before": 1.0, "after": 0.5}
-    monkeypatch.setattr("fga_search._cpu_execution.measure_side_by_side", timer(ms))
+    monkeypatch.setattr("fga_search.deploy._cpu_execution.measure_side_by_side", timer(ms))
     model = decompose(cnn(12), PLAN)
     result = choose_cpu_execution(model, input_shape=(3, 16, 16), executions=("grouped", "block_diagonal"))
     assert result["candidates"] == 2 and result["layers"] == {"2": "block_diagonal", "4": "block_diagonal"}

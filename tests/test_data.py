@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fga_search import load_dataset
-from fga_search._data import cache_dir, stratified_split
+from fga_search.data._data import cache_dir, stratified_split
 
 
 def test_digits_splits_are_stratified_and_fixed() -> None:

@@ -5,8 +5,8 @@ from collections import namedtuple
 import pytest
 import torch
 
-from fga_search._evaluate import evaluate, main_logits, predict_logits
-from fga_search._loader import DeviceSplit
+from fga_search.models._loader import DeviceSplit
+from fga_search.train._evaluate import evaluate, main_logits, predict_logits
 from helpers import aux_head_cnn
 
 Outputs = namedtuple("Outputs", ["logits", "aux_logits"])
@@ -45,8 +45,8 @@ class DictOutput(torch.nn.Module):
 
 
 def test_evaluate_models_with_structured_outputs() -> None:
-    from fga_search._data import Split
-    from fga_search._loader import Normalization
+    from fga_search.data._data import Split
+    from fga_search.models._loader import Normalization
 
     model = aux_head_cnn(num_classes=3).eval()
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fga_search import FGAConv2d
-from fga_search._group_svd import group_svd
+from fga_search.core._group_svd import group_svd
 
 GEOMETRIES = {
     "plain": dict(in_channels=16, out_channels=24, kernel_size=3, padding=1),

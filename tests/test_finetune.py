@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fga_search._data import Split
-from fga_search._finetune import FinetuneConfig, FinetuneProgress, TeacherCache, finetune
-from fga_search._loader import Augment, DeviceSplit, Normalization
+from fga_search.data._data import Split
+from fga_search.models._loader import Augment, DeviceSplit, Normalization
+from fga_search.train._finetune import FinetuneConfig, FinetuneProgress, TeacherCache, finetune
 
 
 def data(n: int = 96) -> DeviceSplit:

@@ -27,13 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fga_search import _atomic
-from fga_search._checkpoint import WeightsError, load_state_dict_file, load_weights
 from fga_search._cli import main
-from fga_search._data import load_dataset
-from fga_search._plan import load_plan
-from fga_search._space import load_space
-from fga_search._storage import redact_command, redact_url
+from fga_search._util import _atomic
+from fga_search._util._storage import redact_command, redact_url
+from fga_search.core._plan import load_plan
+from fga_search.data._data import load_dataset
+from fga_search.models._checkpoint import WeightsError, load_state_dict_file, load_weights
+from fga_search.search._space import load_space
 from helpers import digits_trial, fake_run, rows, run_cli
 
 # a real search, as small as one gets: an untrained digits CNN, no fine-tuning, two trials
@@ -568,7 +568,7 @@ yaml_values = st.recursive(
 @given(data=st.dictionaries(space_keys, yaml_values, max_size=5) | yaml_values)
 def test_space_yaml_structures(tmp_path: Path, data: object) -> None:
     from fga_search import build_model
-    from fga_search._flops import ModelProfile
+    from fga_search.core._flops import ModelProfile
 
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -611,7 +611,7 @@ json_values = st.recursive(
 )
 def test_plans(data: object) -> None:
     from fga_search import build_model
-    from fga_search._flops import ModelProfile
+    from fga_search.core._flops import ModelProfile
 
     profile = ModelProfile(build_model("digits_cnn", num_classes=10), input_shape=(1, 8, 8))
     try:

@@ -8,7 +8,6 @@ import pytest
 from torch import nn
 
 from fga_search import KEEP, FGAConv2d, ModelProfile, decomposable_layers, search
-from fga_search._latency_table import MIN_CALIBRATION_CHANGE
 from fga_search.latency import (
     LatencyModel,
     LatencyTable,
@@ -16,6 +15,7 @@ from fga_search.latency import (
     cpu_cores,
     measure_latency,
 )
+from fga_search.latency._latency_table import MIN_CALIBRATION_CHANGE
 from helpers import rows, run_cli, wide_cnn
 
 
@@ -163,17 +163,23 @@ def test_calibration_fits_the_estimates_to_one_measured_plan(
         lat.calibrate(both, 0.0)
     # a plan that changes the estimate by less than the threshold, in the table and as measured,
     # is too noisy to calibrate on
-    monkeypatch.setattr("fga_search._latency_table.MIN_CALIBRATION_CHANGE", 2 * abs(raw_both) / lat.base_ms)
+    monkeypatch.setattr(
+        "fga_search.latency._latency_table.MIN_CALIBRATION_CHANGE", 2 * abs(raw_both) / lat.base_ms
+    )
     assert lat.calibrate(both, lat.base_ms + 0.5 * raw_both) == 1.0
     assert lat.estimate_ms(both) == pytest.approx(lat.base_ms + raw_both)
     # ... but a measured change over the threshold calibrates even a small table change: a table
     # timed while the machine ran faster than it does now
-    monkeypatch.setattr("fga_search._latency_table.MIN_CALIBRATION_CHANGE", 1.4 * abs(raw_both) / lat.base_ms)
+    monkeypatch.setattr(
+        "fga_search.latency._latency_table.MIN_CALIBRATION_CHANGE", 1.4 * abs(raw_both) / lat.base_ms
+    )
     now = lat.base_ms + 3 * raw_both / 2  # -0.9 of the original: over the threshold of 0.84
     assert lat.calibrate(both, now) == pytest.approx(1.5)
     assert lat.estimate_ms(both) == pytest.approx(now)
     assert lat.ratio(one) == pytest.approx(1 + 1.5 * raw_one / lat.base_ms)
-    monkeypatch.setattr("fga_search._latency_table.MIN_CALIBRATION_CHANGE", 1.6 * abs(raw_both) / lat.base_ms)
+    monkeypatch.setattr(
+        "fga_search.latency._latency_table.MIN_CALIBRATION_CHANGE", 1.6 * abs(raw_both) / lat.base_ms
+    )
     assert lat.calibrate(both, now) == 1.0  # both changes under the threshold of 0.96
 
 
@@ -218,12 +224,12 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
 
     # the machine drifts: the same budget now looks out of reach; the run exports and resumes anyway
     from fga_search import export
-    from fga_search._setup import LatencyBudgetError
+    from fga_search.search._setup import LatencyBudgetError
 
     def refuse(*_: object) -> None:
         raise LatencyBudgetError("--budget 0.9 of the latency is out of reach", floor=0.95)
 
-    monkeypatch.setattr("fga_search._setup.check_latency_budget", refuse)
+    monkeypatch.setattr("fga_search.search._setup.check_latency_budget", refuse)
     again = search(out=str(run), model="helpers:wide_cnn", dataset="digits", budget=0.9, budget_metric="latency",
                    objective="accuracy,flops,latency", target="cpu:2", target_batch=8, trials=8, epochs=0.5, quiet=True)  # fmt: skip
     assert again.finished == 8 and len(rows(run / "trials.parquet")) == 8  # resumed: nothing to do
@@ -270,7 +276,7 @@ def test_refused_latency_budget_names_a_share_only_when_there_is_one(
     """The refusal says how much of the original's time lies outside the convolutions; when the
     convolutions, timed one at a time, add up to more than the whole model (a share below zero),
     it says that instead of printing a negative percentage."""
-    from fga_search._setup import LatencyBudgetError, check_latency_budget
+    from fga_search.search._setup import LatencyBudgetError, check_latency_budget
 
     lat = wide_latency
     lat.rest_ms = rest_share * lat.base_ms
@@ -291,9 +297,9 @@ def test_refused_latency_budget_names_a_share_only_when_there_is_one(
 
 
 def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency: LatencyModel) -> None:
-    from fga_search._setup import calibrate_latency
-    from fga_search._space import load_space
     from fga_search.latency import measure_side_by_side
+    from fga_search.search._setup import calibrate_latency
+    from fga_search.search._space import load_space
 
     lat = wide_latency
     space = load_space("default").resolve(lat.profile.layers)
@@ -322,7 +328,7 @@ def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency
 
 def test_side_by_side_copies_each_model_to_the_target_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rounds time the same copies: a copy per model, not per model and round."""
-    import fga_search._latency_measure as latency
+    import fga_search.latency._latency_measure as latency
 
     copies: list[int] = []
     prepare = latency._prepare
@@ -331,7 +337,7 @@ def test_side_by_side_copies_each_model_to_the_target_once(monkeypatch: pytest.M
         copies.append(id(module))
         return prepare(module, target)
 
-    monkeypatch.setattr("fga_search._latency_measure._prepare", counted)
+    monkeypatch.setattr("fga_search.latency._latency_measure._prepare", counted)
     models = {"a": wide_cnn(), "b": wide_cnn()}
     ms = latency.measure_side_by_side(
         models, input_shape=(1, 8, 8), target=Target.parse("cpu:1"), rounds=4, repeats=2
@@ -358,7 +364,7 @@ def test_a_model_is_timed_as_its_export_runs_it(monkeypatch: pytest.MonkeyPatch)
         timed.append(list(models))
         return {"grouped": 3.0, "block_diagonal": 2.0}
 
-    monkeypatch.setattr("fga_search._latency_measure.measure_side_by_side", side_by_side)
+    monkeypatch.setattr("fga_search.latency._latency_measure.measure_side_by_side", side_by_side)
     assert measure_as_exported(fga, input_shape=(16, 12, 12), target=Target.parse("cpu:1")) == 2.0
     assert timed == [["grouped", "block_diagonal"]]
     plain = measure_as_exported(model, input_shape=(16, 12, 12), target=Target.parse("cpu:1"), repeats=3)
@@ -379,7 +385,7 @@ def test_side_by_side_as_exported_reports_each_model_at_its_faster_execution(
         seen.append(list(models))
         return {"o": 5.0, "p": 3.0, "p, block-diagonal": 2.0}
 
-    monkeypatch.setattr("fga_search._latency_measure.measure_side_by_side", side_by_side)
+    monkeypatch.setattr("fga_search.latency._latency_measure.measure_side_by_side", side_by_side)
     cpu = Target.parse("cpu:1")
     assert measure_side_by_side_as_exported({"o": model, "p": fga}, input_shape=(16, 12, 12), target=cpu) == {
         "o": 5.0,
@@ -417,7 +423,7 @@ def test_models_are_timed_as_deployed_with_batch_norms_folded_on_cpu(
         seen.update({name: batch_norms(m) for name, m in models.items()})
         return {name: 1.0 for name in models}
 
-    monkeypatch.setattr("fga_search._latency_measure.measure_side_by_side", side_by_side)
+    monkeypatch.setattr("fga_search.latency._latency_measure.measure_side_by_side", side_by_side)
     measure_side_by_side_as_exported({"original": model, "fga": fga}, input_shape=(1, 8, 8), target=cpu)
     assert seen == {"original": 0, "fga": 0, "fga, block-diagonal": 0}
     assert batch_norms(model) == batch_norms(fga) == 3
@@ -429,7 +435,7 @@ def test_models_are_timed_as_deployed_with_batch_norms_folded_on_cpu(
         return LatencyStats(1.0, 1.0, 1.0, 1)
 
     for where in ("_latency_table", "_latency_measure"):  # the original's baseline, and its layers
-        monkeypatch.setattr(f"fga_search.{where}.measure_latency", latency)
+        monkeypatch.setattr(f"fga_search.latency.{where}.measure_latency", latency)
     profile = ModelProfile(model, input_shape=(1, 8, 8))
     LatencyModel(model, profile, LatencyTable(cpu, path=str(tmp_path / "table.json")), repeats=1)
     assert baselines[0] == 0  # the original's baseline, folded; then its layers alone (no BN)
@@ -442,10 +448,10 @@ def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
     not from the baseline measured when the search started."""
     import dataclasses
 
-    from fga_search._config import RunConfig
-    from fga_search._setup import prepare
-    from fga_search._strategies import uniform_plan
-    from fga_search._trial import OverBudget, TrialRunner
+    from fga_search.search._config import RunConfig
+    from fga_search.search._setup import prepare
+    from fga_search.search._strategies import uniform_plan
+    from fga_search.train._trial import OverBudget, TrialRunner
 
     setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, epochs=0), log=False)
     timed: list[dict[str, nn.Module]] = []
@@ -454,7 +460,7 @@ def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
         timed.append(dict(models))
         return {"original": 4.0, "trial": 2.0}
 
-    monkeypatch.setattr("fga_search._trial.measure_side_by_side_as_exported", side_by_side)
+    monkeypatch.setattr("fga_search.train._trial.measure_side_by_side_as_exported", side_by_side)
     plan = uniform_plan(setup.profile, budget=0.5, groups=1)
     for budget in (None, 0.4):
         settings = dataclasses.replace(
@@ -482,7 +488,8 @@ def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
         settings=settings, profile=setup.profile,
     )  # fmt: skip
     monkeypatch.setattr(
-        "fga_search._trial.measure_side_by_side_as_exported", lambda *_, **__: {"original": 4.0, "trial": 4.2}
+        "fga_search.train._trial.measure_side_by_side_as_exported",
+        lambda *_, **__: {"original": 4.0, "trial": 4.2},
     )
     out = runner.run({name: KEEP for name in plan}, seed=0)
     assert out.latency_ratio == 1.0 and out.latency_ms == 1000.0

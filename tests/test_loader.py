@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fga_search._data import Split
-from fga_search._loader import Augment, DeviceSplit, Normalization
+from fga_search.data._data import Split
+from fga_search.models._loader import Augment, DeviceSplit, Normalization
 
 
 def split(n: int = 10) -> Split:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fga_search._pareto import hypervolume, knee_index, pareto_mask
+from fga_search.runs._pareto import hypervolume, knee_index, pareto_mask
 
 
 def test_pareto_mask() -> None:
@@ -74,7 +74,7 @@ def _latency_rows() -> list[dict]:
 
 
 def test_front_best_and_knee_follow_the_objective() -> None:
-    from fga_search._pareto import best_row, front_rows, is_usable, knee_row
+    from fga_search.runs._pareto import best_row, front_rows, is_usable, knee_row
 
     rows = _latency_rows()
     assert [r["trial"] for r in rows if is_usable(r)] == [0, 1, 2, 3, 4]  # not failed, nor infeasible
@@ -104,10 +104,10 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
     trials), the export picks and the command line marks. The run view ranked by FLOPs only."""
     from types import SimpleNamespace
 
-    from fga_search._export_select import _row as pick
-    from fga_search._policy import finalize
-    from fga_search._runfolder import RunFolder
-    from fga_search._runview import read_run
+    from fga_search.export._export_select import _row as pick
+    from fga_search.runs._runfolder import RunFolder
+    from fga_search.runs._runview import read_run
+    from fga_search.search._policy import finalize
     from helpers import fake_run, rows
 
     run = fake_run(tmp_path / "run", _latency_rows())

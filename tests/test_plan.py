@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from fga_search import KEEP, decomposable_layers, load_plan, plan_to_json
-from fga_search._plan import normalize_plan, validate_plan
+from fga_search.core._plan import normalize_plan, validate_plan
 
 
 def layers():

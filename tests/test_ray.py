@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fga_search._records import TRIAL_SCHEMA
+from fga_search.runs._records import TRIAL_SCHEMA
 from helpers import cli_env, rows
 
 pytestmark = pytest.mark.slow
@@ -157,7 +157,7 @@ def test_trials_run_on_both_nodes_with_one_logical_gpu_each(cluster: Cluster) ->
 
 
 def test_tune_keeps_as_many_trials_pending_as_fit_only_while_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fga_search._ray_backend import _pending_trials
+    from fga_search.search._ray_backend import _pending_trials
 
     name = "TUNE_MAX_PENDING_TRIALS_PG"
     monkeypatch.delenv(name, raising=False)
@@ -194,8 +194,8 @@ def test_tune_keeps_as_many_trials_pending_as_fit_only_while_it_fits(monkeypatch
 def test_trials_reserve_the_threads_their_latency_target_times(
     cpus: float | None, gpus: float, target: str | None, asked: dict[str, float], warning: str | None
 ) -> None:
-    from fga_search._ray_backend import latency_contention, trial_resources
     from fga_search.latency import Target
+    from fga_search.search._ray_backend import latency_contention, trial_resources
 
     parsed = None if target is None else Target.parse(target)
     resources = trial_resources(cpus, gpus, parsed)
@@ -265,7 +265,7 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
         for path in states:
             path.write_text("")
     if tune_state == "kept":  # as if killed between Optuna's tell and the row's write
-        from fga_search._records import rows_to_table, write_parquet
+        from fga_search.runs._records import rows_to_table, write_parquet
 
         last = max(before)
         kept = [r for r in rows(run / "trials.parquet") if r["trial"] != last]
@@ -349,7 +349,7 @@ def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Pat
     for number in range(4):  # warm start, then seeded mutations: the same plans
         assert a[number]["plan"] == b[number]["plan"] and a[number]["seed"] == b[number]["seed"]
         assert abs(a[number]["val_acc"] - b[number]["val_acc"]) <= 0.03
-    from fga_search._pareto import hypervolume
+    from fga_search.runs._pareto import hypervolume
 
     fronts = [rows(run / "pareto.parquet") for run in (optuna_run, ray_run)]
     hv = [hypervolume([r["val_acc"] for r in f], [r["flops_ratio"] for r in f]) for f in fronts]
@@ -368,11 +368,11 @@ def test_the_searcher_tells_the_sampler_a_measured_excess_over_a_latency_budget(
 
     import optuna
 
-    from fga_search._config import RunConfig
-    from fga_search._driver import SearchDriver
-    from fga_search._ray_backend import _DriverSearcher
-    from fga_search._runfolder import RunFolder
-    from fga_search._setup import prepare
+    from fga_search.runs._runfolder import RunFolder
+    from fga_search.search._config import RunConfig
+    from fga_search.search._driver import SearchDriver
+    from fga_search.search._ray_backend import _DriverSearcher
+    from fga_search.search._setup import prepare
 
     config = RunConfig(
         out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.7, strategy="random", trials=4

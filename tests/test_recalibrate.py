@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fga_search._data import Split
-from fga_search._loader import DeviceSplit, Normalization
-from fga_search._recalibrate import recalibrate_bn
+from fga_search.data._data import Split
+from fga_search.models._loader import DeviceSplit, Normalization
+from fga_search.train._recalibrate import recalibrate_bn
 
 
 def test_recalibration_estimates_the_data_statistics() -> None:

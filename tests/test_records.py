@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fga_search._records import TRIAL_SCHEMA, read_table, rows_to_table, write_parquet
+from fga_search.runs._records import TRIAL_SCHEMA, read_table, rows_to_table, write_parquet
 
 
 def table_of(n: int) -> object:
@@ -66,7 +66,7 @@ def test_the_schema_is_the_records_fields() -> None:
 
     import pyarrow as pa
 
-    from fga_search._records import FRONT_SCHEMA, FrontRecord, TrialRecord
+    from fga_search.runs._records import FRONT_SCHEMA, FrontRecord, TrialRecord
 
     assert (
         TRIAL_SCHEMA.names == [f.name for f in dataclasses.fields(TrialRecord)] == list(TrialRecord.columns())
@@ -88,7 +88,7 @@ def test_the_schema_is_the_records_fields() -> None:
 
 
 def test_records_convert_and_read_as_mappings() -> None:
-    from fga_search._records import TrialRecord
+    from fga_search.runs._records import TrialRecord
 
     row = {
         "trial": 3,
@@ -119,7 +119,7 @@ def test_an_old_file_without_newer_columns_reads_them_as_none(tmp_path: Path) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fga_search._records import FrontRecord, TrialRecord, read_records
+    from fga_search.runs._records import FrontRecord, TrialRecord, read_records
 
     old = pa.table({"trial": pa.array([2, 1], pa.int64()), "val_acc": [0.5, 0.75], "old_column": ["x", "y"]})
     path = str(tmp_path / "trials.parquet")

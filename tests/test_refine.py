@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-import fga_search._refine as refine_module
+import fga_search.core._refine as refine_module
 from fga_search import ModelProfile, decomposable_layers, decompose, refine, refinement_report
-from fga_search._evaluate import evaluate
-from fga_search._loader import DeviceSplit
-from fga_search._recalibrate import recalibrate_bn
-from fga_search._zoo import CIFAR10
+from fga_search.models._loader import DeviceSplit
+from fga_search.models._zoo import CIFAR10
+from fga_search.train._evaluate import evaluate
+from fga_search.train._recalibrate import recalibrate_bn
 
 
 def correlated(n: int, mixing: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fga_search._cli import main
-from fga_search._pareto import hypervolume
-from fga_search._report import write_report
-from fga_search._report_doc import fmt_seconds, markdown_table
+from fga_search.report._report import write_report
+from fga_search.report._report_doc import fmt_seconds, markdown_table
+from fga_search.runs._pareto import hypervolume
 from helpers import digits_trial, fake_run, rows
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -195,7 +195,7 @@ def test_report_shows_latency_when_measured(synthetic: Path) -> None:
         if row["status"] == "ok":
             row["latency_ms"] = 0.5 * row["flops_ratio"] + 0.1
             row["latency_ratio"] = row["latency_ms"] / 0.6
-    from fga_search._records import rows_to_table, write_parquet
+    from fga_search.runs._records import rows_to_table, write_parquet
 
     write_parquet(rows_to_table(table), str(synthetic / "trials.parquet"))
     _, md_path = write_report(str(synthetic))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fga_search import decompose
-from fga_search._runtime_latency import export_latency, onnx_files_latency
+from fga_search.deploy._runtime_latency import export_latency, onnx_files_latency
 from fga_search.latency import Target
 
 
@@ -50,7 +50,7 @@ def test_both_runtimes_time_both_models_and_leave_no_files(
 ) -> None:
     """Both runtimes at the target's threads and batch; PyTorch in its dtype, ONNX Runtime in
     float32 (the ONNX file's)."""
-    import fga_search._runtime_latency as runtime_latency
+    import fga_search.deploy._runtime_latency as runtime_latency
 
     batches: list[int] = []
     session = runtime_latency._file_session

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fga_search import load_dataset
-from fga_search._data import TRAIN_VALIDATION_WARNING
+from fga_search.data._data import TRAIN_VALIDATION_WARNING
 
 
 def _tree(root: Path, splits: dict[str, int], classes: int = 3, size: int = 8, seed: int = 0) -> Path:

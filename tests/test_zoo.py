@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fga_search import WeightsError, build_model, list_models, register_model
-from fga_search._evaluate import evaluate
-from fga_search._loader import DeviceSplit
-from fga_search._zoo import CIFAR10, resolve_model
+from fga_search.models._loader import DeviceSplit
+from fga_search.models._zoo import CIFAR10, resolve_model
+from fga_search.train._evaluate import evaluate
 
 
 def test_zoo_names() -> None:
