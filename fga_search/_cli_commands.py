@@ -98,10 +98,12 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 
 def _report(args: argparse.Namespace) -> int:
     from fga_search.report._report import write_report
+    from fga_search.search._views import rebuild_views
 
     if args.out is not None:
         check_out_path(args.out)
-
+    if rebuild_views(args.run_dir):  # trials.parquet and pareto.parquet, from the study alone
+        print(f"views: {os.path.join(args.run_dir, 'trials.parquet')}, pareto.parquet (from the study)")
     html_path, md_path = write_report(args.run_dir, out=args.out)
     print(f"report: {html_path}")
     print(f"        {md_path}")

@@ -104,10 +104,12 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
     trials), the export picks and the command line marks. The run view ranked by FLOPs only."""
     from types import SimpleNamespace
 
+    import optuna
+
     from fga_search.export._export_select import _row as pick
     from fga_search.runs._runfolder import RunFolder
     from fga_search.runs._runview import read_run
-    from fga_search.search._policy import finalize
+    from fga_search.search._views import finalize
     from helpers import fake_run, rows
 
     run = fake_run(tmp_path / "run", _latency_rows())
@@ -116,7 +118,8 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
     (run / "run.json").write_text(json.dumps(record))
     config = SimpleNamespace(costs=["latency_ratio"], front_latency_runs=0)
     setup = SimpleNamespace(config=config, latency=object())  # measured on a target: no CPU timing
-    result = finalize(setup, RunFolder(str(run)), SimpleNamespace(), _latency_rows())  # type: ignore[arg-type]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    result = finalize(setup, RunFolder(str(run)), SimpleNamespace(), _latency_rows(), study=study)  # type: ignore[arg-type]
 
     written = rows(run / "pareto.parquet")
     knees = [r["trial"] for r in written if r["is_knee"]]

@@ -244,3 +244,25 @@ def test_report_cli_writes_both_files(synthetic: Path, capsys: pytest.CaptureFix
     assert code == 0
     assert f"report: {synthetic / 'report.html'}" in out and str(synthetic / "report.md") in out
     assert (synthetic / "report.html").stat().st_size > 50_000  # three inline PNGs
+
+
+def test_report_rebuilds_every_view_from_the_study_alone(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The study is the one source of truth: with trials.parquet, pareto.parquet, the report and
+    the post-search measurements' JSON copies deleted, 'fga-search report' writes them again from
+    study.db, as the search wrote them."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    views = ("trials.parquet", "pareto.parquet", "test_acc.json", "front_latency.json")
+    before = {name: rows(copy / name) for name in views[:2]}
+    assert before["trials.parquet"] and any(r["test_acc"] is not None for r in before["pareto.parquet"])
+    assert any(r["cpu_latency_ms"] is not None for r in before["pareto.parquet"])
+    for name in (*views, "report.html", "report.md"):
+        (copy / name).unlink()
+    assert main(["report", str(copy)]) == 0
+    assert "(from the study)" in capsys.readouterr().out
+    assert {name: rows(copy / name) for name in views[:2]} == before
+    assert (copy / "report.html").is_file() and (copy / "report.md").is_file()

@@ -40,7 +40,6 @@ from ._policy import (
     SearchResult,
     alloc_attrs,
     enqueue_initial_plans,
-    finalize,
     maybe_enqueue_mutation,
     mutation_rng,
     proposal_record,
@@ -58,6 +57,7 @@ from ._study import (
     set_budget_constraint,
     trial_row,
 )
+from ._views import finalize
 
 __all__ = ["PendingTrial", "SearchDriver", "TrialResult", "objective_values", "run_trial"]
 
@@ -303,4 +303,4 @@ class SearchDriver:
         for pending in list(self.running.values()):
             self.interrupt(pending, reason)
         self.rows = self.save()
-        return finalize(self.setup, self.folder, self.runner, self.rows)
+        return finalize(self.setup, self.folder, self.runner, self.rows, study=self.study)

@@ -7,26 +7,19 @@ The search driver (``_driver``) applies them, once for both executors.
 
 from __future__ import annotations
 
-import copy
-import os
 import random
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
 from fga_search._util._progress import Progress
 from fga_search.core._plan import Plan, load_plan
-from fga_search.core._surgery import apply_plan_structure
-from fga_search.runs._pareto import front_rows, is_finished, mark_front
-from fga_search.runs._records import FrontRecord, rows_to_table, write_parquet
-from fga_search.runs._runfolder import RunFolder
+from fga_search.runs._pareto import front_rows
+from fga_search.runs._records import FrontRecord
 from fga_search.train._compress import trial_seed_of
-from fga_search.train._trial import TrialRunner
 
 from ._config import RunConfig
 from ._latency_aim import estimate_bias, latency_aim
@@ -45,7 +38,6 @@ __all__ = [
     "SearchResult",
     "alloc_attrs",
     "enqueue_initial_plans",
-    "finalize",
     "maybe_enqueue_mutation",
     "mutation_rng",
     "proposal_record",
@@ -252,99 +244,6 @@ def update_latency_aim(setup: SearchSetup, rows: list[dict[str, Any]], progress:
     progress.note(
         f"latency: the last {bias[1]} measured trials ran {bias[0]:+.2f} of the original's latency "
         f"against the table's estimate; the repair now aims at {setup.aim:.2f} (budget {c.budget:g})"
-    )
-
-
-def _rebuild(setup: SearchSetup, folder: RunFolder, row: dict[str, Any]) -> torch.nn.Module | None:
-    path = folder.checkpoint(int(row["trial"]))
-    if not os.path.isfile(path):
-        return None
-    model = apply_plan_structure(copy.deepcopy(setup.model).cpu(), load_plan(row["plan"]))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-def _front_cpu_latency(setup: SearchSetup, folder: RunFolder, front: list[FrontRecord]) -> list[FrontRecord]:
-    """Without a latency target, time each front member and the original on this CPU (batch 1,
-    float32, eager PyTorch), side by side, so that the report shows FLOPs and latency side by side
-    even for a FLOPs-only search. Latency does not depend on the weights: the plans' structures
-    are timed, each with the CPU execution its export would choose (``choose_cpu_execution``) and
-    its batch norms folded, the original's alike (``as_deployed``). Each model runs
-    ``front_latency_runs`` times (rounds of 10, side by side; 0 skips the step)."""
-    runs = setup.config.front_latency_runs // 10 * 10
-    if setup.latency is not None or not front or runs == 0:
-        return front
-    from fga_search.deploy._cpu_execution import choose_cpu_execution
-    from fga_search.latency import Target, as_deployed, measure_side_by_side
-
-    target = Target("cpu", None, 1, "float32", False)
-    base = copy.deepcopy(setup.model).cpu().eval()
-    models = {"original": as_deployed(base, target)}
-    block_diagonal: dict[str, int] = {}
-    dense: dict[str, int] = {}
-    memo: dict[tuple[object, ...], str] = {}  # members share most layer geometries: time each once
-    for row in front:
-        member = apply_plan_structure(copy.deepcopy(base), load_plan(row["plan"])).eval()
-        # as the export will run it on this CPU
-        chosen = choose_cpu_execution(
-            member, input_shape=setup.data.input_shape, target=target, runs=runs, memo=memo
-        )
-        ways = list(chosen["layers"].values())
-        block_diagonal[str(row["trial"])] = ways.count("block_diagonal")
-        dense[str(row["trial"])] = ways.count("dense")
-        models[str(row["trial"])] = as_deployed(member, target)
-    ms = measure_side_by_side(
-        models, input_shape=setup.data.input_shape, target=target, rounds=runs // 10, repeats=10
-    )
-    folder.write_json(
-        "front_latency.json",
-        {
-            "device": target.hardware(),
-            "batch": 1,
-            "dtype": "float32",
-            "runtime": f"eager PyTorch {torch.__version__}",
-            "runs": runs,
-            "original_ms": ms["original"],
-            "trials": {str(row["trial"]): ms[str(row["trial"])] for row in front},
-            "block_diagonal_layers": block_diagonal,  # grouped convs run block-diagonal (as exported)
-            "dense_layers": dense,  # pairs folded into one dense conv (as exported)
-            "batch_norms": "folded into the convs before them, the original's alike (as exported)",
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    )
-    return [
-        replace(row, cpu_latency_ms=ms[str(row.trial)], cpu_latency_ratio=ms[str(row.trial)] / ms["original"])
-        for row in front
-    ]
-
-
-def finalize(
-    setup: SearchSetup, folder: RunFolder, runner: TrialRunner, rows: list[dict[str, Any]]
-) -> SearchResult:
-    """Measure the front's test accuracy (once per member), mark the knee and the best
-    (``mark_front``, by the run's objective), and write pareto.parquet. Shared by both backends."""
-    costs = setup.config.costs
-    cache: dict[str, float] = folder.read_json("test_acc.json", {}) or {}
-    for row in front_rows(rows, costs=costs):
-        key = str(row["trial"])
-        if key not in cache:
-            model = _rebuild(setup, folder, row)
-            if model is not None:
-                model = model.to(runner.device)
-                if runner.channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                cache[key] = runner.evaluate(model, split="test")
-    folder.write_json("test_acc.json", cache)
-    front = _front_cpu_latency(setup, folder, mark_front(rows, costs=costs, test_acc=cache))
-    write_parquet(rows_to_table(front, FrontRecord), folder.pareto_parquet)
-    refresh_report(folder.path)
-    return SearchResult(
-        run_dir=folder.path,
-        trials=len(rows),
-        finished=sum(1 for r in rows if is_finished(r)),
-        front=front,
-        best=next((r for r in front if r.is_best), None),
-        baseline=folder.read().get("baseline", {}),
     )
 
 
