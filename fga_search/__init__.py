@@ -20,7 +20,10 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
     from .core._refine import LayerFit, refine, refinement_report
     from .core._surgery import decompose
     from .data._data import DataBundle, load_dataset
-    from .export._export import (
+    from .engine._config import RunConfig
+    from .engine._search import SearchResult, search
+    from .engine._setup import LatencyBudgetError
+    from .exporter._export import (
         ExportFormatError,
         ExportResult,
         ExportVerificationError,
@@ -33,29 +36,26 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
     from .report._report import write_report
     from .runs._pareto import pareto_front
     from .runs._records import FrontRecord, TrialRecord
-    from .search._config import RunConfig
-    from .search._search import SearchResult, search
-    from .search._setup import LatencyBudgetError
     from .train._compress import compress
 
 # public name -> the private module that defines it
 _LAZY: dict[str, str] = {
     "KEEP": ".core._plan",
     "DataBundle": ".data._data",
-    "ExportFormatError": ".export._export",
-    "ExportResult": ".export._export",
-    "ExportVerificationError": ".export._export",
+    "ExportFormatError": ".exporter._export",
+    "ExportResult": ".exporter._export",
+    "ExportVerificationError": ".exporter._export",
     "FGAConv2d": ".core._fga",
     "FlopCount": ".core._flops",
     "FrontRecord": ".runs._records",
-    "LatencyBudgetError": ".search._setup",
+    "LatencyBudgetError": ".engine._setup",
     "LayerFit": ".core._refine",
     "LayerInfo": ".core._geometry",
     "ModelProfile": ".core._flops",
     "Normalization": ".models._loader",
     "Plan": ".core._plan",
-    "RunConfig": ".search._config",
-    "SearchResult": ".search._search",
+    "RunConfig": ".engine._config",
+    "SearchResult": ".engine._search",
     "TrialRecord": ".runs._records",
     "WeightsError": ".models._checkpoint",
     "build_model": ".models._zoo",
@@ -63,17 +63,17 @@ _LAZY: dict[str, str] = {
     "count_flops": ".core._flops",
     "decomposable_layers": ".core._geometry",
     "decompose": ".core._surgery",
-    "export": ".export._export",
+    "export": ".exporter._export",
     "list_models": ".models._zoo",
     "load_dataset": ".data._data",
-    "load_exported": ".export._export",
+    "load_exported": ".exporter._export",
     "load_plan": ".core._plan",
     "pareto_front": ".runs._pareto",
     "plan_to_json": ".core._plan",
     "refine": ".core._refine",
     "refinement_report": ".core._refine",
     "register_model": ".models._zoo",
-    "search": ".search._search",
+    "search": ".engine._search",
     "write_report": ".report._report",
 }
 

@@ -16,7 +16,7 @@ from fga_search._util._errors import first_line, os_error_line
 from fga_search._util._paths import check_out_path
 
 if TYPE_CHECKING:
-    from fga_search.search._config import RunConfig
+    from fga_search.engine._config import RunConfig
 
 __all__ = ["main"]
 
@@ -24,8 +24,8 @@ _TYPES = {"int": int, "float": float}  # a field's annotation (without "| None")
 
 
 def _add_search_options(p: argparse.ArgumentParser) -> None:
-    from fga_search.search._config import RunConfig
-    from fga_search.search._option import flag_of, option_of
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._option import flag_of, option_of
 
     options = [(f, cli) for f in fields(RunConfig) if (cli := option_of(f)) is not None]  # None: API only
     groups = {title: p.add_argument_group(title) for title in dict.fromkeys(cli.group for _, cli in options)}
@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> RunConfig:
     """The search's RunConfig from its command line, with the defaults the command line makes: the
     run folder's, ``--ray-address``'s backend, and the quickstart's (no ``--model``)."""
-    from fga_search.search._config import RunConfig
-    from fga_search.search._option import option_of
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._option import option_of
 
     if args.out is not None:
         check_out_path(args.out)  # an empty --out is refused, not replaced by the default
@@ -79,7 +79,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from fga_search.search._search import run_search
+    from fga_search.engine._search import run_search
 
     config = _config(args)
     result = run_search(config)

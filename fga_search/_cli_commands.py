@@ -97,8 +97,8 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from fga_search.engine._views import rebuild_views
     from fga_search.report._report import write_report
-    from fga_search.search._views import rebuild_views
 
     if args.out is not None:
         check_out_path(args.out)
@@ -151,7 +151,7 @@ def _print_export_latency(lat: dict[str, Any]) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fga_search.export._export import ExportVerificationError, export
+    from fga_search.exporter._export import ExportVerificationError, export
 
     check_out_path(args.out)
     options = vars(args).copy()  # the export command's options are export()'s keyword arguments

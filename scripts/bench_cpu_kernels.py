@@ -33,9 +33,9 @@ from fga_search.core._fga import FGAConv2d
 from fga_search.core._spectra import SpectralTable
 from fga_search.core._surgery import apply_plan_structure
 from fga_search.deploy._runtime_latency import interleaved
-from fga_search.search._cost import CostModel
-from fga_search.search._space import load_space
-from fga_search.search._strategies import error_alloc_plan, uniform_plan
+from fga_search.engine._cost import CostModel
+from fga_search.engine._space import load_space
+from fga_search.engine._strategies import error_alloc_plan, uniform_plan
 
 
 def block_diagonal(conv: nn.Conv2d) -> torch.Tensor:

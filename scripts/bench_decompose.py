@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from fga_search import ModelProfile, build_model, decompose
-from fga_search.search._strategies import uniform_plan
+from fga_search.engine._strategies import uniform_plan
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -18,9 +18,9 @@ import time
 import torch
 
 from _bench_common import WEIGHTS, checkpoint, cifar_dir
-from fga_search.search._config import RunConfig
-from fga_search.search._setup import make_runner, prepare
-from fga_search.search._strategies import error_alloc_plan
+from fga_search.engine._config import RunConfig
+from fga_search.engine._setup import make_runner, prepare
+from fga_search.engine._strategies import error_alloc_plan
 from fga_search.train._evaluate import evaluate
 
 BATCHES = (32, 64, 128, 256, 512)

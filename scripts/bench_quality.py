@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from _bench_common import checkpoint, cifar_dir
+from fga_search.engine._config import RunConfig
+from fga_search.engine._search import run_search
 from fga_search.runs._pareto import hypervolume
-from fga_search.search._config import RunConfig
-from fga_search.search._search import run_search
 
 STRATEGIES = ("uniform", "error-alloc", "random", "search")
 CASES = (
@@ -130,7 +130,7 @@ Final = tuple[str, str, dict, dict, float]
 def final_finetune(args: argparse.Namespace, rows: list[Row], model: str) -> Final | None:
     """The final distillation fine-tune of the most accurate run of ``model`` at budget 0.2 (gpu
     mode), scored on the test split."""
-    from fga_search.export._export import export
+    from fga_search.exporter._export import export
 
     best = max(
         (r for r in rows if r.model == model and r.budget == 0.2 and r.best_val is not None),

@@ -23,9 +23,9 @@ import torch
 
 import fga_search.core._refine as refine_module
 from _bench_common import WEIGHTS, checkpoint, cifar_dir
-from fga_search.search._config import RunConfig
-from fga_search.search._setup import make_runner, prepare
-from fga_search.search._strategies import uniform_plan
+from fga_search.engine._config import RunConfig
+from fga_search.engine._setup import make_runner, prepare
+from fga_search.engine._strategies import uniform_plan
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import torch
 
 from _bench_common import checkpoint, cifar_dir
-from fga_search.search._config import RunConfig
-from fga_search.search._search import run_search
-from fga_search.search._setup import make_runner, prepare
-from fga_search.search._strategies import uniform_plan
+from fga_search.engine._config import RunConfig
+from fga_search.engine._search import run_search
+from fga_search.engine._setup import make_runner, prepare
+from fga_search.engine._strategies import uniform_plan
 
 
 def main() -> None:

@@ -52,6 +52,12 @@ from fga_search import ModelProfile, build_model, export, load_exported
 from fga_search.core._bn_fold import folded_copy
 from fga_search.core._spectra import SpectralTable
 from fga_search.core._surgery import apply_plan_structure
+from fga_search.engine._config import RunConfig
+from fga_search.engine._cost import CostModel
+from fga_search.engine._search import run_search
+from fga_search.engine._setup import LatencyBudgetError, calibrate_latency
+from fga_search.engine._space import load_space
+from fga_search.engine._strategies import error_alloc_plan, uniform_plan
 from fga_search.latency import (
     LatencyModel,
     LatencyTable,
@@ -59,12 +65,6 @@ from fga_search.latency import (
     measure_side_by_side,
     measure_side_by_side_as_exported,
 )
-from fga_search.search._config import RunConfig
-from fga_search.search._cost import CostModel
-from fga_search.search._search import run_search
-from fga_search.search._setup import LatencyBudgetError, calibrate_latency
-from fga_search.search._space import load_space
-from fga_search.search._strategies import error_alloc_plan, uniform_plan
 
 
 def side_by_side(
@@ -276,7 +276,7 @@ def plain_loop(
 
 
 def gpu(args: argparse.Namespace) -> None:
-    from fga_search.search._setup import prepare
+    from fga_search.engine._setup import prepare
     from fga_search.train._finetune import FinetuneConfig, finetune
     from fga_search.train._trial import TrialRunner
 

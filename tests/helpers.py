@@ -121,8 +121,8 @@ def wide_cnn_latency(pair_ms, *, dense_ms: float = 0.1):  # type: ignore[no-unty
     whose table is written by hand: every dense layer ``dense_ms``, each FGA candidate
     ``pair_ms(info, g, r)``; only the whole original is measured. Set XDG_CACHE_HOME first."""
     from fga_search import KEEP, ModelProfile
+    from fga_search.engine._space import load_space
     from fga_search.latency import LatencyModel, LatencyTable, Target
-    from fga_search.search._space import load_space
 
     model = wide_cnn()
     profile = ModelProfile(model, input_shape=(1, 8, 8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import os
@@ -70,10 +71,10 @@ def test_unknown_name_is_an_attribute_error() -> None:
 
 
 def test_errors_and_normalization_are_public() -> None:
-    from fga_search.export._export import ExportFormatError, ExportVerificationError
+    from fga_search.engine._setup import LatencyBudgetError
+    from fga_search.exporter._export import ExportFormatError, ExportVerificationError
     from fga_search.models._checkpoint import WeightsError
     from fga_search.models._loader import Normalization
-    from fga_search.search._setup import LatencyBudgetError
 
     assert fga_search.LatencyBudgetError is LatencyBudgetError
     assert fga_search.ExportVerificationError is ExportVerificationError
@@ -142,3 +143,14 @@ def test_search_takes_a_run_config(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown search option\(s\) \['budgett'\]"):
         search(RunConfig(out=str(tmp_path / "z")), budgett=0.3)
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_no_public_name_is_a_subpackage() -> None:
+    """Importing a subpackage binds its name on the package: a subpackage named like a public
+    function (``fga_search.search``, ``fga_search.export``) would replace that function."""
+    subpackages = {p.name for p in (REPO / "fga_search").iterdir() if (p / "__init__.py").is_file()}
+    assert {"core", "engine", "exporter"} <= subpackages
+    assert not subpackages & set(fga_search.__all__)
+    importlib.import_module("fga_search.engine._search")
+    importlib.import_module("fga_search.exporter._export")
+    assert callable(fga_search.search) and callable(fga_search.export)

@@ -27,8 +27,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "deploy": ("deploy",),  # CPU execution choices, ONNX, runtime latency
     "runs": ("runs",),  # the run folder, its records, front/best/knee, read-only views
     "report": ("report",),  # the HTML report: only reads a run folder
-    "search": ("search",),  # space, cost, repair, strategies, driver, executors, config, set-up
-    "export": ("export",),  # a run's pick: rebuild, fine-tune, write, verify, time
+    "engine": (
+        "engine",
+    ),  # the search engine: space, cost, repair, strategies, driver, executors, config, set-up
+    "exporter": ("exporter",),  # export a run's pick: rebuild, fine-tune, write, verify, time
     "cli": ("_cli", "_cli_commands"),
     "api": ("",),  # the package itself (fga_search/__init__.py)
 }
@@ -180,11 +182,11 @@ def test_the_analysis_sees_every_kind_of_import(graphs: tuple[dict, dict]) -> No
     runtime, type_only = graphs
     assert len(runtime) >= 40
     assert "fga_search.core._fga" in runtime["fga_search.core._surgery"]  # module level
-    assert "fga_search.search._ray_backend" in runtime["fga_search.search._search"]  # inside run_search
-    assert "fga_search.report._report" in runtime["fga_search.search._policy"]  # inside refresh_report
+    assert "fga_search.engine._ray_backend" in runtime["fga_search.engine._search"]  # inside run_search
+    assert "fga_search.report._report" in runtime["fga_search.engine._policy"]  # inside refresh_report
     assert (
-        "fga_search.search._config" in type_only["fga_search.export._export"]
-        or "fga_search.search._config" in (runtime["fga_search.export._export"])
+        "fga_search.engine._config" in type_only["fga_search.exporter._export"]
+        or "fga_search.engine._config" in (runtime["fga_search.exporter._export"])
     )
     assert "fga_search.models._loader" in type_only["fga_search"]  # __init__'s TYPE_CHECKING block
     # the lazy package imports nothing else

@@ -65,9 +65,9 @@ def test_cache_round_trip_and_a_damaged_file(tmp_path: Path) -> None:
 def test_a_run_reads_the_original_accuracy_from_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fga_search.search._config import RunConfig
-    from fga_search.search._search import _baseline
-    from fga_search.search._setup import make_runner, prepare
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._search import _baseline
+    from fga_search.engine._setup import make_runner, prepare
 
     setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True), log=False)
     runner = make_runner(setup)

@@ -209,11 +209,11 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     from dataclasses import MISSING, fields
 
     from fga_search._cli import _parser
+    from fga_search.engine._config import STRATEGIES, RunConfig
+    from fga_search.engine._option import option_of
+    from fga_search.engine._study import SAMPLERS
     from fga_search.latency._latency_target import DTYPES
     from fga_search.search import _strategies
-    from fga_search.search._config import STRATEGIES, RunConfig
-    from fga_search.search._option import option_of
-    from fga_search.search._study import SAMPLERS
 
     actions = [a for a in _parser()._actions if a.dest != "help"]
     by_dest = {a.dest: a for a in actions}
@@ -265,7 +265,7 @@ def test_the_search_options_are_built_without_torch() -> None:
 
 def test_the_command_line_makes_the_run_folder_and_the_quickstart_defaults(tmp_path: Path) -> None:
     from fga_search._cli import _config, _parser
-    from fga_search.search._config import RunConfig
+    from fga_search.engine._config import RunConfig
 
     quick = _config(_parser().parse_args(["--budget", "0.3"]))
     assert (quick.out, quick.trials, quick.epochs) == (
@@ -286,7 +286,7 @@ def test_the_command_line_makes_the_run_folder_and_the_quickstart_defaults(tmp_p
 
 
 def test_run_config_checks_every_choice_as_the_command_line_does() -> None:
-    from fga_search.search._config import RunConfig
+    from fga_search.engine._config import RunConfig
 
     for name, value, valid in [
         ("strategy", "greedy", "search, uniform, error-alloc, random"),

@@ -10,10 +10,10 @@ import torch
 
 import fga_search
 from fga_search import compress, load_plan
+from fga_search.engine._config import RunConfig
+from fga_search.engine._setup import prepare
 from fga_search.models._loader import DeviceSplit, Normalization
 from fga_search.runs._records import read_table
-from fga_search.search._config import RunConfig
-from fga_search.search._setup import prepare
 from fga_search.train._evaluate import evaluate
 
 

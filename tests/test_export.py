@@ -287,7 +287,7 @@ def test_the_export_times_its_cpu_choices_on_the_runs_cpu_target(
     """A run searched for ``cpu:1`` at batch 2 in bf16, channels_last: the export chooses its CPU
     execution and batch-norm fold, and measures its latency, on that target, not at batch 1 in
     float32, NCHW."""
-    import fga_search.export._export_execution as export_module
+    import fga_search.exporter._export_execution as export_module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     seen: list[Target] = []
@@ -359,8 +359,8 @@ def test_the_search_timing_of_a_front_member_is_reused_only_for_the_model_it_tim
     """The search timed each front member on this CPU as the export runs it (front_latency.json):
     for that model the export takes the figures and times nothing; a fine-tuned model, another
     trial, another target or another execution is timed again."""
-    from fga_search.export._export_execution import ExecutionChoice
-    from fga_search.export._export_time import FRONT_TARGET, search_timing, time_export
+    from fga_search.exporter._export_execution import ExecutionChoice
+    from fga_search.exporter._export_time import FRONT_TARGET, search_timing, time_export
     from fga_search.runs._runview import read_run
 
     view = read_run(str(run_dir))
@@ -885,8 +885,8 @@ def test_onnx_export_of_an_average_pool_to_a_size_that_does_not_divide(
     [(5e-5, 0.5, True), (2e-4, 0.5, False), (0.05, 3100.0, True), (0.4, 3100.0, False)],
 )
 def test_verification_tolerance_scales_with_the_outputs(diff: float, scale: float, ok: bool) -> None:
-    from fga_search.export._export import TOLERANCE, ExportVerificationError
-    from fga_search.export._export_verify import check as _check
+    from fga_search.exporter._export import TOLERANCE, ExportVerificationError
+    from fga_search.exporter._export_verify import check as _check
 
     limit = TOLERANCE * max(1.0, scale)  # as export() sets it: untrained nets' logits reach 1e3
     if ok:

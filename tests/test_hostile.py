@@ -32,8 +32,8 @@ from fga_search._util import _atomic
 from fga_search._util._storage import redact_command, redact_url
 from fga_search.core._plan import load_plan
 from fga_search.data._data import load_dataset
+from fga_search.engine._space import load_space
 from fga_search.models._checkpoint import WeightsError, load_state_dict_file, load_weights
-from fga_search.search._space import load_space
 from helpers import digits_trial, fake_run, rows, run_cli
 
 # a real search, as small as one gets: an untrained digits CNN, no fine-tuning, two trials

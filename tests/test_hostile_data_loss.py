@@ -419,8 +419,8 @@ def test_the_resume_check_names_a_storage_without_its_password(tmp_path: Path) -
     """check_resumable's storage error shows the URL as open_study does: password redacted."""
     from types import SimpleNamespace
 
+    from fga_search.engine._study import check_resumable
     from fga_search.runs._runfolder import RunFolder
-    from fga_search.search._study import check_resumable
 
     config = SimpleNamespace(study_name="s", storage="postgresql://u:secret@127.0.0.1:1/db")
     with pytest.raises(ValueError, match="cannot open the Optuna storage") as info:

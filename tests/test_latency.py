@@ -224,12 +224,12 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
 
     # the machine drifts: the same budget now looks out of reach; the run exports and resumes anyway
     from fga_search import export
-    from fga_search.search._setup import LatencyBudgetError
+    from fga_search.engine._setup import LatencyBudgetError
 
     def refuse(*_: object) -> None:
         raise LatencyBudgetError("--budget 0.9 of the latency is out of reach", floor=0.95)
 
-    monkeypatch.setattr("fga_search.search._setup.check_latency_budget", refuse)
+    monkeypatch.setattr("fga_search.engine._setup.check_latency_budget", refuse)
     again = search(out=str(run), model="helpers:wide_cnn", dataset="digits", budget=0.9, budget_metric="latency",
                    objective="accuracy,flops,latency", target="cpu:2", target_batch=8, trials=8, epochs=0.5, quiet=True)  # fmt: skip
     assert again.finished == 8 and len(rows(run / "trials.parquet")) == 8  # resumed: nothing to do
@@ -276,7 +276,7 @@ def test_refused_latency_budget_names_a_share_only_when_there_is_one(
     """The refusal says how much of the original's time lies outside the convolutions; when the
     convolutions, timed one at a time, add up to more than the whole model (a share below zero),
     it says that instead of printing a negative percentage."""
-    from fga_search.search._setup import LatencyBudgetError, check_latency_budget
+    from fga_search.engine._setup import LatencyBudgetError, check_latency_budget
 
     lat = wide_latency
     lat.rest_ms = rest_share * lat.base_ms
@@ -297,9 +297,9 @@ def test_refused_latency_budget_names_a_share_only_when_there_is_one(
 
 
 def test_setup_calibrates_on_the_fastest_plan_measured_side_by_side(wide_latency: LatencyModel) -> None:
+    from fga_search.engine._setup import calibrate_latency
+    from fga_search.engine._space import load_space
     from fga_search.latency import measure_side_by_side
-    from fga_search.search._setup import calibrate_latency
-    from fga_search.search._space import load_space
 
     lat = wide_latency
     space = load_space("default").resolve(lat.profile.layers)
@@ -448,9 +448,9 @@ def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
     not from the baseline measured when the search started."""
     import dataclasses
 
-    from fga_search.search._config import RunConfig
-    from fga_search.search._setup import prepare
-    from fga_search.search._strategies import uniform_plan
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._setup import prepare
+    from fga_search.engine._strategies import uniform_plan
     from fga_search.train._trial import OverBudget, TrialRunner
 
     setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, epochs=0), log=False)

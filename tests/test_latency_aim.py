@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from fga_search import search
-from fga_search.search._latency_aim import AIM_MIN_TRIALS, AIM_WINDOW, estimate_bias, latency_aim
+from fga_search.engine._latency_aim import AIM_MIN_TRIALS, AIM_WINDOW, estimate_bias, latency_aim
 from helpers import rows
 
 

@@ -106,10 +106,10 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
 
     import optuna
 
-    from fga_search.export._export_select import _row as pick
+    from fga_search.engine._views import finalize
+    from fga_search.exporter._export_select import _row as pick
     from fga_search.runs._runfolder import RunFolder
     from fga_search.runs._runview import read_run
-    from fga_search.search._views import finalize
     from helpers import fake_run, rows
 
     run = fake_run(tmp_path / "run", _latency_rows())

@@ -157,7 +157,7 @@ def test_trials_run_on_both_nodes_with_one_logical_gpu_each(cluster: Cluster) ->
 
 
 def test_tune_keeps_as_many_trials_pending_as_fit_only_while_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fga_search.search._ray_backend import _pending_trials
+    from fga_search.engine._ray_backend import _pending_trials
 
     name = "TUNE_MAX_PENDING_TRIALS_PG"
     monkeypatch.delenv(name, raising=False)
@@ -194,8 +194,8 @@ def test_tune_keeps_as_many_trials_pending_as_fit_only_while_it_fits(monkeypatch
 def test_trials_reserve_the_threads_their_latency_target_times(
     cpus: float | None, gpus: float, target: str | None, asked: dict[str, float], warning: str | None
 ) -> None:
+    from fga_search.engine._ray_backend import latency_contention, trial_resources
     from fga_search.latency import Target
-    from fga_search.search._ray_backend import latency_contention, trial_resources
 
     parsed = None if target is None else Target.parse(target)
     resources = trial_resources(cpus, gpus, parsed)
@@ -368,11 +368,11 @@ def test_the_searcher_tells_the_sampler_a_measured_excess_over_a_latency_budget(
 
     import optuna
 
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._driver import SearchDriver
+    from fga_search.engine._ray_backend import _DriverSearcher
+    from fga_search.engine._setup import prepare
     from fga_search.runs._runfolder import RunFolder
-    from fga_search.search._config import RunConfig
-    from fga_search.search._driver import SearchDriver
-    from fga_search.search._ray_backend import _DriverSearcher
-    from fga_search.search._setup import prepare
 
     config = RunConfig(
         out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.7, strategy="random", trials=4

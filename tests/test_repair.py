@@ -7,9 +7,9 @@ import pytest
 
 from fga_search import KEEP, ModelProfile, build_model
 from fga_search.core._spectra import SpectralTable
-from fga_search.search._cost import CostModel
-from fga_search.search._repair import repair
-from fga_search.search._space import load_space
+from fga_search.engine._cost import CostModel
+from fga_search.engine._repair import repair
+from fga_search.engine._space import load_space
 
 
 def setup(name: str = "resnet20"):  # type: ignore[no-untyped-def]

@@ -127,8 +127,8 @@ def test_front_latency_can_be_skipped(tmp_path: Path) -> None:
 def test_trials_evaluate_in_batches_sized_for_the_device(tmp_path: Path) -> None:
     """64 on a CPU (0.55-0.63x the time of 512 for FGA models there, 0.70-0.91x that of 256:
     scripts/bench_eval.py); 512 on a GPU."""
-    from fga_search.search._config import RunConfig
-    from fga_search.search._setup import prepare
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._setup import prepare
 
     setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True), log=False)
     assert setup.device.type == "cpu"
@@ -139,10 +139,10 @@ def test_trials_evaluate_in_batches_sized_for_the_device(tmp_path: Path) -> None
 def test_mutations_of_a_slack_allocation_move_its_slack_or_its_thresholds(tmp_path: Path) -> None:
     import random
 
-    from fga_search.search._config import RunConfig
-    from fga_search.search._policy import SLACK_RANGE, SLACK_STEP, propose_mutation
-    from fga_search.search._setup import prepare
-    from fga_search.search._strategies import error_alloc_plan
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._policy import SLACK_RANGE, SLACK_STEP, propose_mutation
+    from fga_search.engine._setup import prepare
+    from fga_search.engine._strategies import error_alloc_plan
 
     setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.3), log=False)
     parent_plan = error_alloc_plan(setup.space, setup.cost, setup.spectra, budget=0.3, slack=0.1)
@@ -197,10 +197,10 @@ def test_a_mutation_repaired_back_to_a_plan_the_study_holds_is_not_queued(tmp_pa
 
     from optuna.trial import TrialState, create_trial
 
-    from fga_search.search._config import RunConfig
-    from fga_search.search._policy import MUTATION_RATE, maybe_enqueue_mutation, propose_mutation
-    from fga_search.search._setup import prepare
-    from fga_search.search._strategies import error_alloc_plan
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._policy import MUTATION_RATE, maybe_enqueue_mutation, propose_mutation
+    from fga_search.engine._setup import prepare
+    from fga_search.engine._strategies import error_alloc_plan
 
     setup = prepare(RunConfig(out=str(tmp_path / "run"), device="cpu", quiet=True, budget=0.3), log=False)
     parent_plan = error_alloc_plan(setup.space, setup.cost, setup.spectra, budget=0.3)

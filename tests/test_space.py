@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from fga_search import KEEP, build_model, decomposable_layers
-from fga_search.search._space import list_spaces, load_space
+from fga_search.engine._space import list_spaces, load_space
 
 
 def test_shipped_spaces_load_from_the_installed_package() -> None:

@@ -6,11 +6,11 @@ import pytest
 
 from fga_search import KEEP, ModelProfile, build_model, search
 from fga_search.core._spectra import SpectralTable
-from fga_search.search._config import RunConfig
-from fga_search.search._cost import CostModel
-from fga_search.search._setup import prepare
-from fga_search.search._space import load_space
-from fga_search.search._strategies import (
+from fga_search.engine._config import RunConfig
+from fga_search.engine._cost import CostModel
+from fga_search.engine._setup import prepare
+from fga_search.engine._space import load_space
+from fga_search.engine._strategies import (
     SEARCH_SLACKS,
     alloc_label,
     alloc_slack,
@@ -79,7 +79,7 @@ def test_error_alloc_weights_move_rank_between_layers(parts) -> None:  # type: i
 
 @pytest.mark.parametrize("slack", [0.05, 0.1, 0.3])
 def test_error_alloc_with_slack_takes_the_most_groups_near_the_cheapest(parts, slack: float) -> None:  # type: ignore[no-untyped-def]
-    from fga_search.search._strategies import _choice, _error_table, _rank_range
+    from fga_search.engine._strategies import _choice, _error_table, _rank_range
 
     _, space, cost, spectra = parts
     base = error_alloc_plan(space, cost, spectra, budget=0.2)
@@ -122,7 +122,7 @@ def test_alloc_labels_name_the_mutation_parents() -> None:
 
 
 def test_grow_ranks_raises_three_layers_then_repair_restores_the_budget(parts) -> None:  # type: ignore[no-untyped-def]
-    from fga_search.search._repair import repair
+    from fga_search.engine._repair import repair
 
     _, space, cost, spectra = parts
     parent = uniform_space_plan(space, cost, budget=0.2, groups=4)

@@ -7,7 +7,7 @@ import pickle
 import optuna
 import pytest
 
-from fga_search.search._study import make_sampler
+from fga_search.engine._study import make_sampler
 
 
 def _suggestions(sampler: optuna.samplers.BaseSampler, trials: int) -> list[tuple[int, float]]:

@@ -17,8 +17,8 @@ from fga_search.runs._runview import RunView
 from ._export_spec import FILES, SPEC_FORMAT, is_int, is_number
 
 if TYPE_CHECKING:
-    from fga_search.search._config import RunConfig
-    from fga_search.search._setup import SearchSetup
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._setup import SearchSetup
 
 __all__ = [
     "ExportOptions",
@@ -205,7 +205,7 @@ def model_fields(view: RunView, setup: SearchSetup, plan: Plan) -> dict[str, Any
 
 def run_config(view: RunView, device: str | None) -> RunConfig:
     """The run's options as run.json recorded them, to rebuild its set-up on ``device``."""
-    from fga_search.search._config import RunConfig, needs_latency
+    from fga_search.engine._config import RunConfig, needs_latency
 
     stored = dict(view.record.get("config") or {})
     if not stored:

@@ -62,8 +62,8 @@ from ._export_write import (
 )
 
 if TYPE_CHECKING:
-    from fga_search.search._config import RunConfig
-    from fga_search.search._setup import SearchSetup
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._setup import SearchSetup
     from fga_search.train._trial import TrialRunner
 
 __all__ = [
@@ -142,8 +142,8 @@ class _Written:
 
 def _context(view: RunView, device: str | None, options: ExportOptions, anchor: str, target: str) -> _Context:
     """The run's set-up, rebuilt as its search made it, and a staging folder beside ``target``."""
+    from fga_search.engine._setup import make_runner, prepare
     from fga_search.models._zoo import _factory as _zoo_factory
-    from fga_search.search._setup import make_runner, prepare
 
     config = run_config(view, device)
     setup = prepare(config, log=False, latency_floor_check=False, time_latency=False)

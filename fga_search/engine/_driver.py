@@ -235,11 +235,11 @@ class SearchDriver:
     def complete(self, pending: PendingTrial, result: TrialResult) -> None:
         """Tell the study a trial's result, keep the front's weights, print progress."""
         self.running.pop(pending.number, None)
-        save_model = result.save_model if result.status == "ok" else None
-        # the weights are kept before the tell: a kill in between leaves no front member without them
-        if save_model is not None:
-            save_model(self.folder.checkpoint(pending.number))
         self.tell(pending, result.status, result.metrics)
+        # a front member's weights, after the tell: a full disk or a kill in between loses no
+        # finished trial (the export re-runs a member without weights from its plan and seed)
+        if result.status == "ok" and result.save_model is not None and pending.trial.number in self.front():
+            result.save_model(self.folder.checkpoint(pending.trial.number))
 
     def interrupt(self, pending: PendingTrial, reason: str) -> None:
         """A trial stopped before its end: failed as interrupted, its plan queued again (with its seed)."""
@@ -290,9 +290,13 @@ class SearchDriver:
         write_parquet(rows_to_table(rows), self.folder.trials_parquet)
         return rows
 
+    def front(self) -> set[int]:
+        """The trial numbers of the front's members, by the run's objective."""
+        return {int(r["trial"]) for r in front_rows(self.rows, costs=self.costs)}
+
     def keep_front_checkpoints(self) -> None:
         """Keep the weights of the front's members only."""
-        front = {int(r["trial"]) for r in front_rows(self.rows, costs=self.costs)}
+        front = self.front()
         for name in os.listdir(self.folder.models_dir):
             if name.startswith("trial_") and name.endswith(".pt") and int(name[6:11]) not in front:
                 os.remove(os.path.join(self.folder.models_dir, name))

@@ -20,8 +20,8 @@ from fga_search.runs._runview import RunView
 from ._export_select import ExportOptions, Picked
 
 if TYPE_CHECKING:
+    from fga_search.engine._setup import SearchSetup
     from fga_search.models._loader import DeviceSplit
-    from fga_search.search._setup import SearchSetup
     from fga_search.train._trial import TrialRunner
 
 __all__ = ["Trained", "rebuild", "trained_model"]

@@ -26,7 +26,7 @@ __all__ = ["BUDGET_METRICS", "STRATEGIES", "RunConfig"]
 BUDGET_METRICS = ("flops", "params", "latency")
 OBJECTIVES = ("accuracy,flops", "accuracy,latency", "accuracy,flops,latency")
 BACKENDS = ("optuna", "ray")
-# the search, or a rule-based baseline (fga_search.search._strategies makes their plans)
+# the search, or a rule-based baseline (fga_search.engine._strategies makes their plans)
 STRATEGIES = ("search", "uniform", "error-alloc", "random")
 MEMORY_FORMATS = ("nchw", "channels_last")
 VAL_FROM = ("train", "test")  # where --val-from takes the validation images
