@@ -179,9 +179,14 @@ def test_a_search_validates_on_held_out_images_and_says_when_it_cannot(
     code, _, err = call([*args, "--out", str(tmp_path / "b")], capsys)
     assert code == 0, err
     assert err.count(TRAIN_VALIDATION_WARNING) == 1  # said once, with the way out
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert report.count(TRAIN_VALIDATION_WARNING) == 1 and "a stratified part of the training split" in report
     code, _, err = call(
         [*args, "--val-from", "test", "--val-fraction", "0.25", "--out", str(tmp_path / "c")], capsys
     )
     assert code == 0 and TRAIN_VALIDATION_WARNING not in err, err
     data = json.loads((tmp_path / "c" / "run.json").read_text())["data"]
     assert (data["val_source"], data["val"], data["test"]) == ("test", 3, 9)
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert TRAIN_VALIDATION_WARNING not in report and "part of the test split (--val-from test)" in report
+    assert "the data's val/ folder (held out)" in (tmp_path / "a" / "report.md").read_text()

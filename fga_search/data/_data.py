@@ -42,6 +42,7 @@ __all__ = [
     "cache_dir",
     "load_dataset",
     "stratified_split",
+    "validation_flatters",
 ]
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -54,6 +55,13 @@ TRAIN_VALIDATION_WARNING = (
     "than on new images, and the scores may favour plans that keep memorised examples "
     "(give held-out images: a val/ folder beside train/, --val-dir, or --val-from test)"
 )
+
+
+def validation_flatters(val_source: str, *, model: str | None, weights: str | None) -> bool:
+    """Whether validation images may be ones the user's trained model learned from: taken from
+    the training split of a model given with its weights (the quickstart's model is trained
+    without its validation images, and an untrained model learned nothing)."""
+    return val_source == "train" and model is not None and weights is not None
 
 
 @dataclass

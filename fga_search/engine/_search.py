@@ -38,20 +38,7 @@ def search(config: RunConfig, /, **overrides: Any) -> SearchResult: ...
 
 
 @overload
-def search(
-    config: None = None,
-    /,
-    *,
-    out: str,
-    model: str | None = None,
-    weights: str | None = None,
-    dataset: str = "digits",
-    data_dir: str | None = None,
-    budget: float = 0.2,
-    trials: int = 40,
-    epochs: float = 1.0,
-    **options: Any,
-) -> SearchResult: ...
+def search(config: None = None, /, *, out: str, **fields: Any) -> SearchResult: ...
 
 
 def search(config: RunConfig | None = None, /, **options: Any) -> SearchResult:

@@ -21,7 +21,7 @@ from fga_search.core._flops import ModelProfile
 from fga_search.core._plan import KEEP, Plan, plan_to_json
 from fga_search.core._spectra import SpectralTable
 from fga_search.core._surgery import apply_plan_structure
-from fga_search.data._data import TRAIN_VALIDATION_WARNING, DataBundle, load_dataset
+from fga_search.data._data import TRAIN_VALIDATION_WARNING, DataBundle, load_dataset, validation_flatters
 from fga_search.latency import LatencyModel, LatencyTable, Target, measure_side_by_side_as_exported
 from fga_search.models._loader import Normalization
 from fga_search.models._zoo import ModelSpec, build_model, resolve_model
@@ -272,13 +272,6 @@ def check_trainable(model: nn.Module, input_shape: tuple[int, ...], model_name: 
         ) from None
 
 
-def trained_on_validation(config: RunConfig, data: DataBundle) -> bool:
-    """Whether the validation images may be ones the user's trained model learned from: taken
-    from the training split of a model given with weights (the quickstart's model is trained
-    without its validation images)."""
-    return data.val_source == "train" and config.model is not None and config.weights is not None
-
-
 def prepare(
     config: RunConfig, *, log: bool = True, latency_floor_check: bool = True, time_latency: bool = True
 ) -> SearchSetup:
@@ -329,7 +322,7 @@ def prepare(
         model = build_model(spec, num_classes=data.num_classes, weights=weights)
     if weights is None and log:
         print("warning: no --weights given: compressing an untrained model", file=sys.stderr)
-    if log and trained_on_validation(config, data):
+    if log and validation_flatters(data.val_source, model=config.model, weights=config.weights):
         print(f"warning: {TRAIN_VALIDATION_WARNING}", file=sys.stderr)
     if spec.normalization is not None and len(spec.normalization.mean) != data.input_shape[0]:
         raise ValueError(

@@ -14,6 +14,7 @@ import time
 import pandas as pd
 
 from fga_search._util._atomic import atomic_write_bytes
+from fga_search.data._data import TRAIN_VALIDATION_WARNING, validation_flatters
 from fga_search.runs._runview import RunView, read_run
 
 from ._report_doc import (
@@ -78,6 +79,14 @@ def _trials_text(view: RunView) -> str:
     return text
 
 
+_VALIDATION = {  # where the validation images that rank the trials came from (DataBundle.val_source)
+    "train": "a stratified part of the training split",
+    "val/": "the data's val/ folder (held out)",
+    "val-dir": "--val-dir (held out)",
+    "test": "a stratified part of the test split (--val-from test); the test figures use the rest",
+}
+
+
 def _run_section(doc: Doc, facts: Facts) -> None:
     view = facts.view
     record, rows, config = view.record, view.rows, view.config
@@ -112,6 +121,7 @@ def _run_section(doc: Doc, facts: Facts) -> None:
                 f"seed {config.get('seed', '—')}, backend {config.get('backend', 'optuna')}",
             ),
             ("trials", _trials_text(view)),
+            ("validation", _VALIDATION.get(str(data.get("val_source", "train")), "—")),
             ("wall time", fmt_seconds(wall) if wall is not None else "—"),
             (
                 "device time",
@@ -132,6 +142,9 @@ def _run_section(doc: Doc, facts: Facts) -> None:
     )
     doc.heading("The run", "run")
     doc.table(run_table, "run", "kv", header=False)
+    source = str(data.get("val_source", "train"))  # runs made before held-out validation: train
+    if validation_flatters(source, model=config.get("model"), weights=config.get("weights")):
+        doc.text(f"Validation: {TRAIN_VALIDATION_WARNING}.")
 
 
 def _latency_rows(facts: Facts) -> list[tuple[str, str]]:
