@@ -213,7 +213,7 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     from fga_search.engine._option import option_of
     from fga_search.engine._study import SAMPLERS
     from fga_search.latency._latency_target import DTYPES
-    from fga_search.search import _strategies
+    from fga_search.engine import _strategies
 
     actions = [a for a in _parser()._actions if a.dest != "help"]
     by_dest = {a.dest: a for a in actions}
