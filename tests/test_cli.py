@@ -209,11 +209,11 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     from dataclasses import MISSING, fields
 
     from fga_search._cli import _parser
+    from fga_search.engine import _strategies
     from fga_search.engine._config import STRATEGIES, RunConfig
     from fga_search.engine._option import option_of
     from fga_search.engine._study import SAMPLERS
     from fga_search.latency._latency_target import DTYPES
-    from fga_search.engine import _strategies
 
     actions = [a for a in _parser()._actions if a.dest != "help"]
     by_dest = {a.dest: a for a in actions}
