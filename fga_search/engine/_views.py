@@ -111,16 +111,8 @@ def with_cpu_latency(front: list[FrontRecord], record: Mapping[str, Any] | None)
     ]
 
 
-def write_front(
-    folder: RunFolder,
-    rows: list[dict[str, Any]],
-    *,
-    costs: list[str],
-    test_acc: Mapping[str, float],
-    front_latency: Mapping[str, Any] | None,
-) -> list[FrontRecord]:
-    """pareto.parquet from the trials' rows and the post-search measurements; returns the front."""
-    front = with_cpu_latency(mark_front(rows, costs=costs, test_acc=test_acc), front_latency)
+def write_front(folder: RunFolder, front: list[FrontRecord]) -> list[FrontRecord]:
+    """pareto.parquet: the marked front (``mark_front``) with its CPU latency (``with_cpu_latency``)."""
     write_parquet(rows_to_table(front, FrontRecord), folder.pareto_parquet)
     return front
 
@@ -151,11 +143,12 @@ def finalize(
                 test_acc[key] = runner.evaluate(model, split="test")
     study.set_user_attr(TEST_ACC, test_acc)
     folder.write_json("test_acc.json", test_acc)
-    record = _front_cpu_latency(setup, mark_front(rows, costs=costs, test_acc=test_acc))
+    marked = mark_front(rows, costs=costs, test_acc=test_acc)
+    record = _front_cpu_latency(setup, marked)
     study.set_user_attr(FRONT_LATENCY, record)
     if record is not None:
         folder.write_json("front_latency.json", record)
-    front = write_front(folder, rows, costs=costs, test_acc=test_acc, front_latency=record)
+    front = write_front(folder, with_cpu_latency(marked, record))
     refresh_report(folder.path)
     return SearchResult(
         run_dir=folder.path,
@@ -184,31 +177,34 @@ def rebuild_views(run_dir: str) -> bool:
     storage = settings.get("storage")
     if storage is None and not os.path.isfile(folder.study_db):
         return False
-    if storage is not None and "***" in str(storage):  # run.json keeps the URL without its password
-        return False
+    if storage is not None and ("***" in str(storage) or str(storage).startswith("<")):
+        return False  # run.json keeps the URL without its password, or hides it whole
     lock = folder.file(".lock")
     with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        known = {k: v for k, v in settings.items() if k in RunConfig.field_names()}
         try:
-            config = RunConfig(**{**settings, "out": folder.path, "quiet": True})
+            config = RunConfig(**{**known, "out": folder.path, "quiet": True})
             name = run_study_name(folder, config)
             study = optuna.load_study(study_name=name, storage=storage or f"sqlite:///{folder.study_db}")
         except Exception as exc:  # a damaged study.db, an unknown study name, a bad run.json
+            if storage is not None:  # a database not reachable from here: the views stay as they are
+                return False
             raise ValueError(f"run folder {folder.path}: cannot read its study: {first_line(exc)}") from None
         rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
         write_parquet(rows_to_table(rows), folder.trials_parquet)
         if any(is_finished(r) for r in rows):
             attrs = study.user_attrs
-            write_front(
-                folder,
-                rows,
-                costs=config.costs,
-                test_acc=attrs.get(TEST_ACC) or folder.read_json("test_acc.json", {}) or {},
-                front_latency=attrs[FRONT_LATENCY]
+            test_acc = attrs.get(TEST_ACC) or folder.read_json("test_acc.json", {}) or {}
+            latency = (
+                attrs[FRONT_LATENCY]
                 if FRONT_LATENCY in attrs
-                else folder.read_json("front_latency.json", None),
+                else folder.read_json("front_latency.json", None)
+            )
+            write_front(
+                folder, with_cpu_latency(mark_front(rows, costs=config.costs, test_acc=test_acc), latency)
             )
     return True

@@ -65,7 +65,8 @@ def compress(
     ``run.json`` records both), ``seed`` the run's ``--seed``. The trial's steps: ``calibration``
     normalized training images drawn with ``seed`` → per-group SVD refined on them (``refine_mode``)
     → batch-norm statistics re-estimated on ``recalibration`` training images. Scored on
-    ``data.val``, the result has the trial's ``proxy_acc``. ``model`` is not changed.
+    ``data.val``, the result has the trial's ``proxy_acc``. ``model`` keeps its
+    weights; it is moved to ``device`` and put in eval mode.
     """
     for name, value in (("calibration", calibration), ("recalibration", recalibration)):
         if value < 1:
