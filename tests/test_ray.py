@@ -87,12 +87,18 @@ class Cluster:
     def processes(self) -> list[int]:
         """This cluster's processes: each node's `ray start --block` leads a session of its own."""
         sessions = {proc.pid for proc in self.nodes}
-        out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-        return [int(pid) for pid, sid in (line.split() for line in out.splitlines()) if int(sid) in sessions]
+        out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
+        return [
+            int(pid)
+            for pid, sid, stat in (line.split() for line in out.splitlines())
+            if int(sid) in sessions and not stat.startswith("Z")  # a zombie is dead, only not yet reaped
+        ]
 
     def stop(self) -> None:
         """Stop only the processes this cluster started, by their ids."""
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        # SIGKILL at once: a test cluster keeps nothing worth a graceful shutdown, and its raylets
+        # ignored SIGTERM for the whole 10 s grace (15 s of every test run)
+        for sig, grace in ((signal.SIGKILL, 10.0),):
             for pid in self.processes():
                 try:
                     os.kill(pid, sig)
@@ -237,9 +243,34 @@ def tune_state_whole(experiment: Path) -> bool:
     return True
 
 
+DRIVER_ARGS = ["--gpus-per-trial", "0.5", "--trials", "6", "--epochs", "12"]
+
+
+@pytest.fixture(scope="module")
+def killed_driver(cluster: Cluster) -> Path:
+    """A run whose driver was SIGKILLed once four of its six trials were recorded and Tune's newest
+    experiment state was whole (the ``unreadable`` case damages it, on purpose). Each case below
+    resumes its own copy of the folder, taken once the killed driver's trials had stopped."""
+    run = cluster.root / "driver-killed"
+    proc = cluster.cli([*DRIVER_ARGS, "--out", str(run)])
+    deadline = time.monotonic() + 300
+    while len(done(run / "trials.parquet")) < 4 or not tune_state_whole(run / "ray"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # the killed driver's job ends with it: its trials stop and write nothing more
+    deadline = time.monotonic() + 60
+    while worker_pids():
+        assert time.monotonic() < deadline, "the killed driver's trials still run"
+        time.sleep(0.2)
+    return run
+
+
 @pytest.mark.parametrize("tune_state", ["kept", "unreadable", "study-only"])
 def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
-    cluster: Cluster, tune_state: str
+    cluster: Cluster, killed_driver: Path, tune_state: str
 ) -> None:
     """The study is the only source of truth: whatever the killed driver left of Tune's
     experiment and of trials.parquet, the resumed run goes on from the study. ``kept``: killed
@@ -247,17 +278,8 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(
     ``unreadable``: Tune's experiment state was half-written (seen once in CI, when Tune's own
     restore was used). ``study-only``: Tune's experiment folder and trials.parquet are gone."""
     run = cluster.root / f"driver-killed-{tune_state}"
-    args = ["--gpus-per-trial", "0.5", "--trials", "6", "--epochs", "12", "--out", str(run)]
-    proc = cluster.cli(args)
-    deadline = time.monotonic() + 300
-    # killed once two trials are recorded and Tune's newest experiment state is whole: the
-    # ``unreadable`` case damages it below, on purpose
-    while len(done(run / "trials.parquet")) < 2 or not tune_state_whole(run / "ray"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    shutil.copytree(killed_driver, run, symlinks=True)
+    args = [*DRIVER_ARGS, "--out", str(run)]
     before = {r["trial"]: r for r in done(run / "trials.parquet")}
     if tune_state == "unreadable":
         states = sorted((run / "ray").glob("experiment_state-*.json"))
@@ -316,18 +338,13 @@ def descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
-def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Path) -> None:
-    """`--backend ray` starts its own instance: same first proposals as the Optuna backend,
-    comparable fronts, and no server on a non-loopback address."""
+def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Path, run_dir: Path) -> None:
+    """`--backend ray` starts its own instance: same first proposals as the Optuna backend (the
+    session's shared run, 8 trials of 1 epoch at budget 0.2), comparable fronts, and no server on
+    a non-loopback address."""
     env = {**cli_env(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--trials", "8", "--epochs", "1", "--seed", "5", "--population", "4", "--quiet"]
-    optuna_run, ray_run = tmp_path / "optuna", tmp_path / "ray"
-    subprocess.run(
-        [sys.executable, "-m", "fga_search._cli", *common, "--out", str(optuna_run)],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    common = ["--budget", "0.2", "--trials", "8", "--epochs", "1", "--quiet"]
+    optuna_run, ray_run = run_dir, tmp_path / "ray"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fga_search._cli", *common, "--backend", "ray", "--max-concurrent", "1", "--out", str(ray_run)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -120,14 +120,19 @@ def test_the_test_command_installs_what_is_missing_once_then_runs_pytest_with_it
     assert run("-m", "not slow", "tests/test_x.py") == [
         "apt-get noninteractive -o DPkg::Lock::Timeout=600 -qq update",
         "apt-get noninteractive -o DPkg::Lock::Timeout=600 -qq install -y --no-install-recommends fake-browser",
-        "pip install -q -e .[test]",
+        "pip install -q --no-compile -e .[test]",
+        "python -m compileall -q -j 0 .venv/lib",
         "python -m pytest -m not slow tests/test_x.py",
     ]
     # everything there: straight to the tests, whose exit status is the command's
     assert run("-x", rc=3) == ["python -m pytest -x"]
     # a changed pyproject.toml reinstalls the package, nothing else
     (repo / "pyproject.toml").write_text("[project]\nname = 'y'\n")
-    assert run() == ["pip install -q -e .[test]", "python -m pytest"]
+    assert run() == [
+        "pip install -q --no-compile -e .[test]",
+        "python -m compileall -q -j 0 .venv/lib",
+        "python -m pytest",
+    ]
     assert run() == ["python -m pytest"]
 
 

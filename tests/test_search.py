@@ -15,7 +15,7 @@ import pytest
 from fga_search import search
 from helpers import cli_env, rows
 
-ARGS = ["--budget", "0.25", "--trials", "10", "--epochs", "12", "--seed", "3"]
+ARGS = ["--budget", "0.25", "--trials", "6", "--epochs", "12", "--seed", "3"]
 
 
 def finished_rows(path: Path) -> list[dict]:
@@ -63,7 +63,7 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path) -> None:
         for r in after
         if r["state"] == "COMPLETE" or (r["state"] == "FAIL" and r["status"] != "interrupted")
     ]
-    assert len(done) == 10
+    assert len(done) == 6
     for number, old in before.items():  # no finished trial lost or changed
         new = next(r for r in after if r["trial"] == number)
         assert (new["state"], new["val_acc"], new["plan"]) == (old["state"], old["val_acc"], old["plan"])

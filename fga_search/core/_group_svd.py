@@ -82,13 +82,21 @@ class GroupSVD:
         return math.sqrt(float(self.tail_energy(rank).sum()) / total)
 
 
-def group_svd(weight: torch.Tensor, *, base_groups: int, groups: int) -> GroupSVD:
-    """SVD of every (conv group, input group) slice of a conv weight, computed in float64."""
+def _group_slices(weight: torch.Tensor, base_groups: int, groups: int) -> torch.Tensor:
     n, cg, kh, kw = weight.shape
     if cg % groups != 0:
         raise ValueError(f"groups={groups} does not divide the {cg} input channels per conv group")
     w = weight.detach().to(torch.float64)
     # (n, c/G, kh, kw) -> (G, n/G, g, c/(G*g)*kh*kw) -> (G, g, n/G, c/(G*g)*kh*kw)
-    w = w.reshape(base_groups, n // base_groups, groups, (cg // groups) * kh * kw).transpose(1, 2)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return w.reshape(base_groups, n // base_groups, groups, (cg // groups) * kh * kw).transpose(1, 2)
+
+
+def group_svd(weight: torch.Tensor, *, base_groups: int, groups: int) -> GroupSVD:
+    """SVD of every (conv group, input group) slice of a conv weight, computed in float64."""
+    u, s, vh = torch.linalg.svd(_group_slices(weight, base_groups, groups), full_matrices=False)
     return GroupSVD(u=u, s=s, vh=vh)
+
+
+def group_singular_values(weight: torch.Tensor, *, base_groups: int, groups: int) -> torch.Tensor:
+    """``group_svd(...).s`` alone, (G, g, m) in float64: without the factors, up to 2x faster."""
+    return torch.linalg.svdvals(_group_slices(weight, base_groups, groups))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._group_svd import group_svd
+from ._group_svd import group_singular_values
 
 __all__ = ["SpectralTable"]
 
@@ -28,8 +28,8 @@ class SpectralTable:
     def error2(self, name: str, groups: int) -> np.ndarray:
         key = (name, groups)
         if key not in self._cache:
-            svd = group_svd(self._weights[name], base_groups=self._groups[name], groups=groups)
-            energy = (svd.s**2).reshape(-1, svd.s.shape[-1])  # (G*g, m)
+            s = group_singular_values(self._weights[name], base_groups=self._groups[name], groups=groups)
+            energy = (s**2).reshape(-1, s.shape[-1])  # (G*g, m)
             total = float(energy.sum())
             kept = torch.cumsum(energy.sum(0), 0)  # energy of the first r values, over all groups
             kept = torch.cat([torch.zeros(1, dtype=kept.dtype), kept])
