@@ -160,7 +160,10 @@ def test_bad_front_latency_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert not (tmp_path / "run").exists()
 
 
-NEED_TARGET = "--target-batch, --target-dtype and --target-memory-format need --target (e.g. cpu:2 or cuda)"
+NEED_TARGET = (
+    "--target-batch, --target-dtype, --target-memory-format and --target-runtime need --target "
+    "(e.g. cpu:2 or cuda)"
+)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +185,24 @@ NEED_TARGET = "--target-batch, --target-dtype and --target-memory-format need --
         (["--target-batch", "8"], NEED_TARGET),
         (["--target-dtype", "bf16"], NEED_TARGET),
         (["--target-memory-format", "channels_last"], NEED_TARGET),
+        (["--target-runtime", "onnxruntime"], NEED_TARGET),
+        (
+            ["--budget-metric", "latency", "--target", "cuda", "--target-runtime", "onnxruntime"],
+            "target runtime onnxruntime is measured on the CPU here, got device 'cuda'",
+        ),
+        (
+            [
+                "--budget-metric",
+                "latency",
+                "--target",
+                "cpu",
+                "--target-dtype",
+                "bf16",
+                "--target-runtime",
+                "onnxruntime",
+            ],
+            "target runtime onnxruntime runs float32 here, got dtype 'bf16'",
+        ),
     ],
 )
 def test_a_target_that_would_be_ignored_or_cannot_be_used_is_refused(
@@ -220,7 +241,7 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     assert len(by_dest) == len(actions)  # one option a field
     cli_fields = [f for f in fields(RunConfig) if option_of(f) is not None]  # KeyError: not marked
     assert [f.name for f in cli_fields] == [a.dest for a in actions]
-    assert len(cli_fields) == len(fields(RunConfig)) == 49  # no field is API-only today
+    assert len(cli_fields) == len(fields(RunConfig)) == 50  # no field is API-only today
     made_by_the_command_line = []
     for f in cli_fields:
         action, cli = by_dest[f.name], option_of(f)
@@ -260,7 +281,7 @@ def test_the_search_options_are_built_without_torch() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["[]", "50"]  # 49 options and --help, none of the heavy modules
+    assert proc.stdout.split() == ["[]", "51"]  # 50 options and --help, none of the heavy modules
 
 
 def test_the_command_line_makes_the_run_folder_and_the_quickstart_defaults(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,13 @@ from helpers import rows, run_cli, wide_cnn
 
 
 def test_target_parsing_and_validation() -> None:
-    assert Target.parse("cpu:2") == Target("cpu", 2, 1, "float32", False)
+    # ONNX Runtime is the CPU default where it is installed (it is a dependency); eager on CUDA
+    assert Target.parse("cpu:2") == Target("cpu", 2, 1, "float32", False, "onnxruntime")
+    assert Target.parse("cpu:2", runtime="eager") == Target("cpu", 2, 1, "float32", False)
+    assert Target.parse("cpu", dtype="bf16").runtime == "eager"  # ONNX Runtime runs float32 here
+    assert Target.parse("cuda").runtime == "eager"
+    with pytest.raises(ValueError, match="target runtime must be one of eager, onnxruntime, torchscript"):
+        Target("cpu", runtime="tvm")
     assert Target.parse("cpu", batch=4, dtype="bf16").batch == 4
     assert Target.parse("cuda", dtype="bf16").channels_last is True
     for spec, message in (
@@ -32,8 +39,51 @@ def test_target_parsing_and_validation() -> None:
             Target.parse(spec)
     with pytest.raises(ValueError, match="target dtype must be one of float32, bf16, fp16"):
         Target("cpu", dtype="int8")
-    key = Target.parse("cpu:2").key()
+    key = Target.parse("cpu:2", runtime="eager").key()
     assert "(2 threads)" in key and "float32" in key and "batch 1" in key and "nchw" in key
+    assert "onnxruntime" not in key and "torchscript" not in key  # tables made before runtimes keep theirs
+    import onnxruntime
+
+    assert Target.parse("cpu:2").key() == f"{key}|onnxruntime {onnxruntime.__version__}"
+    assert Target.parse("cpu:2", runtime="torchscript").key() == f"{key}|torchscript"
+
+
+def test_the_latency_table_is_keyed_by_runtime(tmp_path: Path) -> None:
+    """Each runtime has its own table file and entries: one runtime's timings never price another's."""
+    paths = {
+        rt: LatencyTable(Target.parse("cpu:1", runtime=rt)).path
+        for rt in ("eager", "onnxruntime", "torchscript")
+    }
+    assert len(set(paths.values())) == 3
+    layer = nn.Conv2d(8, 8, 3, padding=1)
+    info = decomposable_layers(nn.Sequential(layer))[0]
+    ms = {}
+    for rt in ("eager", "onnxruntime"):
+        table = LatencyTable(
+            Target.parse("cpu:1", runtime=rt), path=str(tmp_path / f"{rt}.json"), repeats=5, warmup=1
+        )
+        ms[rt] = table.measure(info, (8, 8), KEEP)
+        assert ms[rt] > 0 and table.measured == 1
+        assert json.loads((tmp_path / f"{rt}.json").read_text())["target"] == table.key
+    again = LatencyTable(Target.parse("cpu:1", runtime="eager"), path=str(tmp_path / "onnxruntime.json"))
+    assert again.entries == {}  # the ONNX Runtime table's file is not read for an eager target
+
+
+def test_onnxruntime_missing_is_refused_by_name_and_not_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    assert Target.parse("cpu:2").runtime == "eager"
+    with pytest.raises(ValueError, match="target runtime onnxruntime needs the onnxruntime package"):
+        Target.parse("cpu:2", runtime="onnxruntime")
+    from fga_search._cli import main
+
+    out = tmp_path / "run"
+    code = main(["--budget-metric", "latency", "--target", "cpu:2", "--target-runtime", "onnxruntime",
+                 "--trials", "1", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "needs the onnxruntime package" in err, err
+    assert "Traceback" not in err and not out.exists()
     with pytest.raises(ValueError, match="'cpu:0': cpu:THREADS needs at least 1 thread"):
         Target.parse("cpu:0")
 
@@ -234,8 +284,29 @@ def test_latency_search_on_cpu_with_a_tiny_model(tmp_path: Path, monkeypatch: py
                    objective="accuracy,flops,latency", target="cpu:2", target_batch=8, trials=8, epochs=0.5, quiet=True)  # fmt: skip
     assert again.finished == 8 and len(rows(run / "trials.parquet")) == 8  # resumed: nothing to do
     assert result.best is not None and result.best["latency_ratio"] <= 0.9
-    exported = export(str(run), pick="best", out=str(tmp_path / "export"), latency_runs=0)
+    exported = export(str(run), pick="best", out=str(tmp_path / "export"), latency_runs=0, formats=("onnx",))
     assert exported.spec["plan"] == json.loads(result.best["plan"])
+    # the search timed in ONNX Runtime (the CPU default) the ONNX model that the export writes:
+    # the best trial's model, exported the way the latency runner does, gives model.onnx's outputs
+    assert record["config"]["target_runtime"] == "onnxruntime" and "|onnxruntime " in lat["target_key"]
+    import onnxruntime
+    import torch
+
+    from fga_search.core._plan import load_plan
+    from fga_search.core._surgery import apply_plan_structure
+    from fga_search.latency import as_deployed
+    from fga_search.latency._runtimes import onnx_bytes, onnx_session
+
+    best = result.best
+    model = apply_plan_structure(wide_cnn(), load_plan(best["plan"]))
+    model.load_state_dict(torch.load(run / "models" / f"trial_{best['trial']:05d}.pt", weights_only=True))
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    timed = onnx_session(onnx_bytes(as_deployed(model.eval(), Target.parse("cpu:2")), x), 2)
+    shipped = onnxruntime.InferenceSession(
+        str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (a,), (b,) = timed.run(None, {"input": x.numpy()}), shipped.run(None, {"input": x.numpy()})
+    assert a.shape == b.shape == (8, 10) and float(abs(a - b).max()) <= 1e-4
     with pytest.raises(LatencyBudgetError, match="out of reach"):  # a new run is still refused
         search(out=str(tmp_path / "new"), model="helpers:wide_cnn", dataset="digits", budget=0.9,
                budget_metric="latency", target="cpu:2", target_batch=8, trials=1, quiet=True)  # fmt: skip
@@ -495,3 +566,45 @@ def test_a_trial_on_a_cpu_target_is_timed_side_by_side_with_the_original(
     assert out.latency_ratio == 1.0 and out.latency_ms == 1000.0
     assert out.macs == setup.profile.base_macs
     assert len(timed) == 2
+
+
+@pytest.mark.parametrize("execution", ["conv", "grouped", "block_diagonal", "dense"])
+def test_a_table_layer_built_directly_is_the_graph_the_exporter_writes(execution: str) -> None:
+    """The lookup table's lone layers skip torch.onnx.export (80 ms each): the graph built
+    directly has the exporter's ops, attributes and outputs."""
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    from fga_search.core._fga import with_cpu_execution
+    from fga_search.latency._runtimes import _layer_onnx, onnx_session
+
+    conv = nn.Conv2d(16, 8, 3, padding=1, stride=2, dilation=1, bias=True)
+    model = conv if execution == "conv" else FGAConv2d.shaped_like(conv, groups=4, rank=2).eval()
+    if execution in ("block_diagonal", "dense"):
+        model = with_cpu_execution(model, execution)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+    direct = _layer_onnx(model, x)
+    assert direct is not None
+
+    def ops(data: bytes) -> list[tuple[str, dict[str, object]]]:
+        nodes = onnx.load_from_string(data).graph.node  # weights computed in forward: Constant nodes
+        return [
+            (n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+            for n in nodes
+            if n.op_type != "Constant"
+        ]
+
+    assert ops(direct) == ops(buffer.getvalue()) and len(ops(direct)) == (
+        1 if execution in ("conv", "dense") else 2
+    )
+    (a,), (b,) = (onnx_session(d, 1).run(None, {"input": x.numpy()}) for d in (direct, buffer.getvalue()))
+    assert a.shape == (2, 8, 4, 4) and float(abs(a - b).max()) == 0.0
+    assert _layer_onnx(nn.Sequential(conv), x) is None  # anything else goes through the exporter

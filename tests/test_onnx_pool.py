@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from fga_search.deploy._onnx_pool import FixedAdaptiveAvgPool2d, onnx_ready
 from fga_search.deploy._runtime_latency import write_onnx
+from fga_search.latency._onnx_pool import FixedAdaptiveAvgPool2d, onnx_ready
 
 
 @pytest.mark.parametrize(

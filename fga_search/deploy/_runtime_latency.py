@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from fga_search.latency import Target, measure_side_by_side
+from fga_search.latency._onnx_pool import onnx_ready
 
 from ._cpu_execution import cpu_target
-from ._onnx_pool import onnx_ready
 
 __all__ = [
     "export_latency",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fga_search._util._paths import check_out_path
 from fga_search._util._storage import check_storage_url
-from fga_search.latency._latency_target import DTYPES
+from fga_search.latency._latency_target import DTYPES, RUNTIMES
 
 from ._option import option, option_of, options_doc
 from ._study import SAMPLERS
@@ -152,6 +152,14 @@ class RunConfig:
         group=SEARCH,
         choices=MEMORY_FORMATS,
     )
+    target_runtime: str | None = option(
+        None,
+        help="the runtime latency is measured in on the target: the lookup table, the trials, the budget "
+        "check and the export's timings (default onnxruntime on a CPU, where it is installed and the "
+        "dtype is float32; eager PyTorch on CUDA)",
+        group=SEARCH,
+        choices=RUNTIMES,
+    )
     front_latency_runs: int = option(
         30,
         help="without --target, time the front's members and the original side by side on this CPU after "
@@ -281,10 +289,11 @@ class RunConfig:
         elif any(
             getattr(self, f.name) != f.default
             for f in fields(self)
-            if f.name in ("target_batch", "target_dtype", "target_memory_format")
+            if f.name in ("target_batch", "target_dtype", "target_memory_format", "target_runtime")
         ):
             raise ValueError(
-                "--target-batch, --target-dtype and --target-memory-format need --target (e.g. cpu:2 or cuda)"
+                "--target-batch, --target-dtype, --target-memory-format and --target-runtime need --target "
+                "(e.g. cpu:2 or cuda)"
             )
         if (
             isinstance(self.front_latency_runs, bool)
@@ -360,7 +369,11 @@ class RunConfig:
 
         layout = None if self.target_memory_format is None else self.target_memory_format == "channels_last"
         return Target.parse(
-            self.target, batch=self.target_batch, dtype=self.target_dtype, channels_last=layout
+            self.target,
+            batch=self.target_batch,
+            dtype=self.target_dtype,
+            channels_last=layout,
+            runtime=self.target_runtime,
         )
 
     @property

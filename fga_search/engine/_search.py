@@ -206,12 +206,30 @@ def _latency_record(setup: SearchSetup) -> dict[str, Any] | None:
     }
 
 
+def with_runtime(config: RunConfig, folder: RunFolder) -> RunConfig:
+    """``config`` with its latency target's runtime named: the one a resumed run's table was
+    measured in (eager PyTorch for a run made before runtimes existed: its table key has none),
+    else the target's default (``Target.parse``), so that run.json records what was measured."""
+    if config.target is None or config.target_runtime is not None:
+        return config
+    runtime = None
+    if folder.exists():
+        key = str((folder.read().get("identity") or {}).get("target") or "")
+        runtime = (
+            "onnxruntime" if "|onnxruntime " in key else "torchscript" if "|torchscript" in key else "eager"
+        )
+    target = config.latency_target()
+    assert target is not None
+    return dataclasses.replace(config, target_runtime=runtime or target.runtime)
+
+
 def run_search(config: RunConfig) -> SearchResult:
     """Prepare (checking every input before writing anything), then run or resume the search."""
     folder = RunFolder(config.out)
     folder.check_writable()
     if folder.exists():  # before anything is written: a study that lost finished trials is refused
         check_resumable(folder, config)
+    config = with_runtime(config, folder)
     setup = prepare(config, log=not config.quiet, latency_floor_check=not folder.exists())
     resuming = folder.check_new_or_matching(setup.identity())
     if config.storage is not None:  # opened before the run folder is made: a bad one writes nothing

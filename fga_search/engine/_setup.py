@@ -207,10 +207,19 @@ def check_latency_budget(budget: float, latency: LatencyModel, fastest: Plan, ta
                 f"its convolutions, timed one at a time, add up to {latency.base_ms - latency.rest_ms:.2f} ms, "
                 "more than the whole model"
             )
+        dense = [name for name, choice in fastest.items() if choice == KEEP]
+        overhead = ""
+        if fastest and 2 * len(dense) >= len(fastest):  # most convs are faster dense than as any pair
+            overhead = (
+                f"; {len(dense)} of the {len(fastest)} searched convs run slower as any FGA pair than "
+                f"dense at batch {target.batch} in {target.runtime}: the runtime's per-layer overhead, not "
+                "FLOPs, sets their time. A larger --target-batch (where the deployment batches) may "
+                "reach the budget, or a shallower model"
+            )
         raise LatencyBudgetError(
             f"--budget {budget:g} of the latency is out of reach on {target.hardware()}: the fastest "
             f"plan of the space is estimated at {floor:.2f} of the original's {latency.base_ms:.2f} ms "
-            f"({why}); use --budget {floor + 0.01:.2f} or more",
+            f"({why}); use --budget {floor + 0.01:.2f} or more{overhead}",
             floor=floor,
         )
 

@@ -7,7 +7,7 @@ import contextlib
 import copy
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from fga_search.core._bn_fold import folded_copy
 from fga_search.core._fga import FGAConv2d, with_cpu_execution
 
 from ._latency_target import Target
+from ._runtimes import runner
 
 __all__ = [
     "LatencyStats",
@@ -63,25 +64,24 @@ def _input(input_shape: Sequence[int], target: Target) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if target.channels_last else x
 
 
-def _timings_ms(
-    model: nn.Module, x: torch.Tensor, target: Target, *, warmup: int, repeats: int
-) -> list[float]:
-    """Forward times (ms) of a model already on the target (``_prepare``), after warm-up."""
+def _timings_ms(fn: Callable[[], object], target: Target, *, warmup: int, repeats: int) -> list[float]:
+    """Times (ms) of ``fn``, one forward pass in the target's runtime (``_runtimes.runner``) of a
+    model already on the target (``_prepare``), after warm-up."""
     if target.device == "cpu":
         times: list[float] = []
         with _threads(target.threads):
             for _ in range(warmup):
-                model(x)
+                fn()
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(x)
+                fn()
                 times.append((time.perf_counter() - start) * 1e3)
         return times
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
         for _ in range(max(warmup, 3)):
-            model(x)
+            fn()
         torch.cuda.synchronize(target.torch_device)
         pairs = [
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -89,12 +89,17 @@ def _timings_ms(
         ]
         for begin, end in pairs:
             begin.record()
-            model(x)
+            fn()
             end.record()
         torch.cuda.synchronize(target.torch_device)
         return [begin.elapsed_time(end) for begin, end in pairs]
     finally:
         torch.backends.cudnn.benchmark = old
+
+
+def _runner(module: nn.Module, x: torch.Tensor, target: Target) -> Callable[[], object]:
+    with _threads(target.threads):  # a TorchScript or ONNX model is built on the target's threads
+        return runner(module, x, target)
 
 
 @torch.inference_mode()
@@ -109,9 +114,8 @@ def measure_latency(
     """Median forward latency of ``module`` (a copy of it, on the target) for one batch."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    times = _timings_ms(
-        _prepare(module, target), _input(input_shape, target), target, warmup=warmup, repeats=repeats
-    )
+    x = _input(input_shape, target)
+    times = _timings_ms(_runner(_prepare(module, target), x, target), target, warmup=warmup, repeats=repeats)
     ordered = sorted(times)
     return LatencyStats(
         median_ms=statistics.median(times),
@@ -138,12 +142,12 @@ def measure_side_by_side(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    prepared = {name: _prepare(model, target) for name, model in models.items()}
     x = _input(input_shape, target)
+    fns = {name: _runner(_prepare(model, target), x, target) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
-        for name, model in prepared.items():
-            times[name].append(statistics.median(_timings_ms(model, x, target, warmup=3, repeats=repeats)))
+        for name, fn in fns.items():
+            times[name].append(statistics.median(_timings_ms(fn, target, warmup=3, repeats=repeats)))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
