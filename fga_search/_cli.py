@@ -17,6 +17,8 @@ from fga_search._util._paths import check_out_path
 
 if TYPE_CHECKING:
     from fga_search.engine._config import RunConfig
+    from fga_search.engine._policy import SearchResult
+    from fga_search.runs._records import FrontRecord
 
 __all__ = ["main"]
 
@@ -81,20 +83,57 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def _search(args: argparse.Namespace) -> int:
     from fga_search.engine._search import run_search
 
-    config = _config(args)
-    result = run_search(config)
-    base = result.baseline
-    print(f"run folder: {result.run_dir}")
-    print(
-        f"trials: {result.finished} finished ({result.trials} recorded) in {os.path.join(result.run_dir, 'trials.parquet')}"
+    result = run_search(_config(args))
+    for line in _summary(result):
+        print(line)
+    return 0
+
+
+def _pick_mark(row: FrontRecord) -> str:
+    """`` <- best within budget`` or `` <- knee``, saying so when the pick is slower than the original."""
+    from fga_search.runs._pareto import slower_than_original
+
+    if not (row.is_best or row.is_knee):
+        return ""
+    slow = slower_than_original(row)
+    why = f" (slower than the original {slow.where}: {slow.times} its latency)" if slow else ""
+    return (" <- best within budget" if row.is_best else " <- knee") + why
+
+
+def _slower_warning(row: FrontRecord) -> str | None:
+    """One line when the best model runs slower than the original, or None."""
+    from fga_search.runs._pareto import slower_than_original
+
+    slow = slower_than_original(row)
+    if slow is None:
+        return None
+    flops = row.flops_ratio
+    fewer = (
+        f": its fewer FLOPs ({flops:.3f} of the original's) do not make it faster here"
+        if flops is not None and flops < 1.0
+        else ""
     )
-    print(f"Pareto front: {len(result.front)} models in {os.path.join(result.run_dir, 'pareto.parquet')}")
+    search = "--budget-metric latency" + (" --target cpu" if slow.on == "cpu" else "")
+    return (
+        f"warning: the best model runs {slow.times} the original's latency {slow.where}{fewer}; "
+        f"to search for speed, try {search}"
+    )
+
+
+def _summary(result: SearchResult) -> list[str]:
+    """What the search prints when it ends: the run folder, the front (best and knee marked, and
+    said to be slower than the original where they are), the best model."""
+    base = result.baseline
+    lines = [
+        f"run folder: {result.run_dir}",
+        f"trials: {result.finished} finished ({result.trials} recorded) in {os.path.join(result.run_dir, 'trials.parquet')}",
+        f"Pareto front: {len(result.front)} models in {os.path.join(result.run_dir, 'pareto.parquet')}",
+    ]
     if base:
-        print(
+        lines.append(
             f"original: val accuracy {base['val_acc']:.4f}, test {base['test_acc']:.4f}, {base['macs'] / 1e6:.2f} M MACs"
         )
     for row in result.front:  # marked by the run's objective (_pareto.mark_front), as pareto.parquet
-        mark = " <- best within budget" if row.is_best else (" <- knee" if row.is_knee else "")
         test = f", test {row.test_acc:.4f}" if row.test_acc is not None else ""
         if row.latency_ratio is not None:
             latency = f", latency {row.latency_ratio:.3f}"
@@ -102,27 +141,30 @@ def _search(args: argparse.Namespace) -> int:
             latency = f", CPU latency {row.cpu_latency_ratio:.3f}"
         else:
             latency = ""
-        print(
+        lines.append(
             f"  trial {row.trial:>4}: val {row.val_acc:.4f}{test}, FLOPs {row.flops_ratio:.3f}"
-            f"{latency}, params {row.params_ratio:.3f}{mark}"
+            f"{latency}, params {row.params_ratio:.3f}{_pick_mark(row)}"
         )
     if any(row.cpu_latency_ratio is not None for row in result.front):
-        print(
+        lines.append(
             "CPU latency: ratio to the original's, timed side by side on this CPU after the search (batch 1, "
             "eager PyTorch; no --target was given, so the search optimised FLOPs; see front_latency.json)"
         )
-    if result.best is not None:
-        ckpt = os.path.join(result.run_dir, "models", f"trial_{result.best.trial:05d}.pt")
-        if os.path.isfile(ckpt):
-            print(f"best model: trial {result.best.trial}, weights {ckpt}")
-        else:  # its checkpoint was not kept (e.g. a full disk): the export re-runs it
-            print(
-                f"best model: trial {result.best.trial} (no checkpoint kept; "
-                "'fga-search export' re-runs it from its plan and seed)"
-            )
-    else:
-        print("no finished trial within the budget yet")
-    return 0
+    if result.best is None:
+        lines.append("no finished trial within the budget yet")
+        return lines
+    ckpt = os.path.join(result.run_dir, "models", f"trial_{result.best.trial:05d}.pt")
+    if os.path.isfile(ckpt):
+        lines.append(f"best model: trial {result.best.trial}, weights {ckpt}")
+    else:  # its checkpoint was not kept (e.g. a full disk): the export re-runs it
+        lines.append(
+            f"best model: trial {result.best.trial} (no checkpoint kept; "
+            "'fga-search export' re-runs it from its plan and seed)"
+        )
+    warning = _slower_warning(result.best)
+    if warning is not None:
+        lines.append(warning)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

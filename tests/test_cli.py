@@ -79,6 +79,12 @@ def test_quickstart_runs_and_writes_a_run_folder(quickstart: tuple[Path, str], h
             f"trial {r['trial']:>4}: val {r['val_acc']:.4f}, test {r['test_acc']:.4f}, FLOPs {r['flops_ratio']:.3f}, "
             f"CPU latency {r['cpu_latency_ratio']:.3f}, params {r['params_ratio']:.3f}"
         ) in output
+    # the best and the knee say when they run slower than the original on this CPU
+    for r in front:
+        line = next(x for x in output.splitlines() if x.startswith(f"  trial {r['trial']:>4}:"))
+        slower = r["cpu_latency_ratio"] > 1 and (r["is_best"] or r["is_knee"])
+        assert ("slower than the original on this CPU" in line) == slower, line
+    assert ("warning: the best model runs" in output) == (best["cpu_latency_ratio"] > 1)
     report = (run / "report.md").read_text()
     assert (
         "| latency | the front's members and the original timed side by side on this CPU after the search"
@@ -116,6 +122,51 @@ def test_rerun_resumes_with_nothing_to_do(quickstart: tuple[Path, str], home: Pa
     assert "resuming" in result.stderr
     after = rows(run / "trials.parquet")
     assert [(r["trial"], r["val_acc"]) for r in after] == [(r["trial"], r["val_acc"]) for r in before]
+
+
+def test_summary_says_when_a_pick_is_slower_than_the_original(tmp_path: Path) -> None:
+    """The search's last lines: the best and the knee say when they run slower than the original
+    (on this CPU without a --target, on the target with one), and a slower best adds a warning."""
+    from fga_search._cli import _summary
+    from fga_search.engine._policy import SearchResult
+    from fga_search.runs._records import FrontRecord
+
+    common = {"val_acc": 0.9, "test_acc": 0.9, "params_ratio": 0.2}
+    knee = FrontRecord(trial=3, flops_ratio=0.1, cpu_latency_ratio=0.8, is_knee=True, **common)
+    best = FrontRecord(trial=7, flops_ratio=0.19, cpu_latency_ratio=1.25, is_best=True, **common)
+    other = FrontRecord(trial=9, flops_ratio=0.15, cpu_latency_ratio=1.4, **common)
+    result = SearchResult(
+        run_dir=str(tmp_path), trials=10, finished=10, front=[knee, other, best], best=best, baseline={}
+    )
+    lines = _summary(result)
+    assert lines[3].endswith("CPU latency 0.800, params 0.200 <- knee")  # faster: nothing said
+    assert lines[4].endswith("CPU latency 1.400, params 0.200")  # not a pick
+    assert lines[5].endswith(
+        "CPU latency 1.250, params 0.200 <- best within budget "
+        "(slower than the original on this CPU: 1.25x its latency)"
+    )
+    assert lines[-1] == (
+        "warning: the best model runs 1.25x the original's latency on this CPU: its fewer FLOPs (0.190 "
+        "of the original's) do not make it faster here; to search for speed, try --budget-metric latency "
+        "--target cpu"
+    )
+    assert sum(line.startswith("warning:") for line in lines) == 1
+
+    # measured on the --target during the search; the knee slower there, the best not
+    on_target = [
+        FrontRecord(trial=3, flops_ratio=0.1, latency_ratio=1.1, is_knee=True, **common),
+        FrontRecord(trial=7, flops_ratio=0.19, latency_ratio=0.9, is_best=True, **common),
+    ]
+    lines = _summary(
+        SearchResult(
+            run_dir=str(tmp_path), trials=2, finished=2, front=on_target, best=on_target[1], baseline={}
+        )
+    )
+    assert lines[3].endswith(
+        "latency 1.100, params 0.200 <- knee (slower than the original on the target: 1.10x its latency)"
+    )
+    assert lines[4].endswith("latency 0.900, params 0.200 <- best within budget")
+    assert not any(line.startswith("warning:") for line in lines)
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

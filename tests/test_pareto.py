@@ -144,3 +144,22 @@ def test_a_latency_runs_knee_is_the_same_in_every_reader(tmp_path: Path) -> None
     assert [r["trial"] for r in live.front] == [r["trial"] for r in written]
     assert pick(live, "knee")[0]["trial"] == 2 and pick(live, "best")[0]["trial"] == 3
     assert pick(finished, "knee")[0]["trial"] == 2 and pick(finished, "best")[0]["trial"] == 3
+
+
+def test_slower_than_original() -> None:
+    """A pick is slower when its latency ratio is above 1: the one measured on the run's --target if
+    it has one, else the one timed on this CPU after the search; unknown is not slower."""
+    from fga_search.runs._pareto import Slowdown, slower_than_original
+    from fga_search.runs._records import FrontRecord
+
+    cpu = slower_than_original(FrontRecord(trial=0, cpu_latency_ratio=1.25))
+    assert cpu == Slowdown(1.25, "cpu") and cpu.where == "on this CPU" and cpu.times == "1.25x"
+    target = slower_than_original({"trial": 1, "latency_ratio": 1.5, "cpu_latency_ratio": 0.5})
+    assert target == Slowdown(1.5, "target") and target.where == "on the target"
+    # the target's measurement decides: faster there is not slower, whatever this CPU says
+    assert slower_than_original(FrontRecord(trial=2, latency_ratio=0.8, cpu_latency_ratio=1.3)) is None
+    assert slower_than_original(FrontRecord(trial=3, cpu_latency_ratio=0.7)) is None
+    assert slower_than_original(FrontRecord(trial=4, cpu_latency_ratio=1.0)) is None  # as fast
+    assert slower_than_original(FrontRecord(trial=5)) is None  # not timed
+    assert slower_than_original({"trial": 6, "cpu_latency_ratio": 1.001}) == Slowdown(1.001, "cpu")
+    assert Slowdown(1.001, "cpu").times == "1.001x"  # not "1.00x"

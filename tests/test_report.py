@@ -208,6 +208,99 @@ def test_report_shows_latency_when_measured(synthetic: Path) -> None:
     assert f"{row1['latency_ms']:.3g} ms" in md
 
 
+def _timed_on_this_cpu(run: Path, ratios: dict[int, float], *, knee: int | None = None) -> None:
+    """Give a run folder the front the search writes without a --target: each member timed side by
+    side with the original (1 ms) on this CPU, at the given latency ratios (pareto.parquet,
+    front_latency.json); ``knee`` moves the knee mark to that trial."""
+    from fga_search.runs._pareto import mark_front
+    from fga_search.runs._records import FrontRecord, rows_to_table, write_parquet
+
+    front = [
+        {**r.to_row(), "cpu_latency_ms": ratios[r.trial], "cpu_latency_ratio": ratios[r.trial]}
+        for r in mark_front(rows(run / "trials.parquet"), costs=["flops_ratio"])
+    ]
+    if knee is not None:
+        front = [{**r, "is_knee": r["trial"] == knee} for r in front]
+    assert sorted(ratios) == sorted(r["trial"] for r in front)
+    timing = {"device": "Test CPU (2 threads)", "batch": 1, "runs": 30, "original_ms": 1.0}
+    (run / "front_latency.json").write_text(
+        json.dumps({**timing, "trials": {str(t): ratios[t] for t in ratios}})
+    )
+    write_parquet(rows_to_table(front, FrontRecord), str(run / "pareto.parquet"))
+
+
+def test_report_says_first_when_the_best_is_slower_than_the_original(synthetic: Path) -> None:
+    """Without a --target the search ranks FLOPs; when its best runs slower than the original on
+    this CPU, the report says so in its first lines and on the pick's card. In this front trial 1 is
+    the best, trial 2 the knee."""
+    _timed_on_this_cpu(synthetic, {0: 0.6, 1: 1.25, 2: 0.9})
+    html_path, md_path = write_report(str(synthetic))
+    md = Path(md_path).read_text()
+    lines = md.splitlines()
+    assert lines[4:6] == ["## The run", ""]
+    assert lines[6] == (
+        "**The best model is slower than the original on this CPU**: 1.25x the original's latency "
+        "(batch 1, Test CPU (2 threads)), at 19.7 % of the FLOPs. Fewer FLOPs are not faster here. To "
+        "search for speed, use `--budget-metric latency --target cpu`."
+    )
+    assert lines[8] == "|  | value |" and lines[10].startswith("| command |")  # the run's table, as before
+    cards = md.split("## Which model to ship", 1)[1].split("## Pareto front", 1)[0]
+    best_card, knee_card = cards.split("**Knee of the front**")
+    assert "* trial: 1" in best_card and "* CPU latency: 1.25 ms (125.0 %)" in best_card
+    assert "* speed: **slower than the original on this CPU** (1.25x its latency)" in best_card
+    assert "* trial: 2" in knee_card and "speed" not in knee_card  # 0.9x: faster
+    html = Path(html_path).read_text()
+    heading, table = html.index('<h2 id="run">'), html.index('<table class="dataframe kv" id="run">')
+    assert (
+        heading
+        < html.index("<p><strong>The best model is slower than the original on this CPU</strong>")
+        < table
+    )
+    assert (
+        "<dt>speed</dt><dd><strong>slower than the original on this CPU</strong> (1.25x its latency)</dd>"
+        in html
+    )
+
+    # the knee slower, the best not
+    _timed_on_this_cpu(synthetic, {0: 0.6, 1: 0.95, 2: 1.1})
+    _, md_path = write_report(str(synthetic))
+    lines = Path(md_path).read_text().splitlines()
+    assert lines[6].startswith(
+        "**The knee is slower than the original on this CPU**: 1.10x the original's latency (batch 1, "
+        "Test CPU (2 threads)), at 18.6 % of the FLOPs; the best model is not. "
+    )
+
+    # both slower: one sentence names both
+    _timed_on_this_cpu(synthetic, {0: 0.6, 1: 1.25, 2: 1.1})
+    _, md_path = write_report(str(synthetic))
+    lines = Path(md_path).read_text().splitlines()
+    assert (
+        "on this CPU**: 1.25x the original's latency (batch 1, Test CPU (2 threads)), at 19.7 % of the FLOPs; "
+        "so is the knee: 1.10x the original's latency, at 18.6 % of the FLOPs. " in lines[6]
+    )
+    assert Path(md_path).read_text().count("* speed: **slower than the original on this CPU**") == 2
+
+    # the best is the knee: said once
+    _timed_on_this_cpu(synthetic, {0: 0.6, 1: 1.25, 2: 0.9}, knee=1)
+    _, md_path = write_report(str(synthetic))
+    lines = Path(md_path).read_text().splitlines()
+    assert lines[6].startswith(
+        "**The best model (also the knee) is slower than the original on this CPU**: 1.25x the original's "
+        "latency (batch 1, Test CPU (2 threads)), at 19.7 % of the FLOPs. Fewer FLOPs"
+    )
+
+
+def test_report_of_a_faster_best_says_nothing_of_slowness(synthetic: Path) -> None:
+    _timed_on_this_cpu(synthetic, {0: 0.6, 1: 0.8, 2: 0.7})
+    html_path, md_path = write_report(str(synthetic))
+    md, html = Path(md_path).read_text(), Path(html_path).read_text()
+    assert "* CPU latency: 0.8 ms (80.0 %)" in md  # timed, and faster
+    lines = md.splitlines()
+    assert lines[4:7] == ["## The run", "", "|  | value |"]  # the run's table first, as before
+    assert "slower" not in md and "slower" not in html
+    assert "* speed:" not in md and "<dt>speed</dt>" not in html
+
+
 def test_markdown_table_escapes_pipes() -> None:
     import pandas as pd
 

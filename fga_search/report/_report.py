@@ -15,6 +15,8 @@ import pandas as pd
 
 from fga_search._util._atomic import atomic_write_bytes
 from fga_search.data._data import TRAIN_VALIDATION_WARNING, validation_flatters
+from fga_search.runs._pareto import Slowdown, slower_than_original
+from fga_search.runs._records import FrontRecord
 from fga_search.runs._runview import RunView, read_run
 
 from ._report_doc import (
@@ -23,6 +25,7 @@ from ._report_doc import (
     fmt_command,
     fmt_count,
     fmt_ms,
+    fmt_pct,
     fmt_seconds,
     missing,
     render_html,
@@ -141,10 +144,58 @@ def _run_section(doc: Doc, facts: Facts) -> None:
         columns=["", "value"],
     )
     doc.heading("The run", "run")
+    slower = _slower_text(facts)
+    if slower is not None:
+        doc.text(slower)
     doc.table(run_table, "run", "kv", header=False)
     source = str(data.get("val_source", "train"))  # runs made before held-out validation: train
     if validation_flatters(source, model=config.get("model"), weights=config.get("weights")):
         doc.text(f"Validation: {TRAIN_VALIDATION_WARNING}.")
+
+
+def _slower_text(facts: Facts) -> str | None:
+    """The report's first words when the best or the knee runs slower than the original (where
+    fewer FLOPs did not make it faster), or None."""
+    view = facts.view
+    best, knee = view.best, view.knee
+    if knee is not None and best is not None and knee.trial == best.trial:
+        knee = None  # one model: said once, as the best
+    picks = [("best model", best), ("knee", knee)]
+    slow = [(name, row, s) for name, row in picks if row is not None and (s := slower_than_original(row))]
+    if not slow:
+        return None
+    name, row, first = slow[0]
+    also = " (also the knee)" if name == "best model" and view.knee is not None and knee is None else ""
+    text = f"**The {name}{also} is slower than the original {first.where}**: {_slowdown(row, first, facts)}"
+    if len(slow) == 2:
+        text += f"; so is the knee: {_slowdown(slow[1][1], slow[1][2], facts, where=False)}"
+    elif name == "knee" and best is not None:
+        text += "; the best model is not"
+    fewer = any(r.flops_ratio is not None and r.flops_ratio < 1 for _, r, _ in slow)
+    search = "`--budget-metric latency --target cpu`" if first.on == "cpu" else "`--budget-metric latency`"
+    return (
+        text
+        + (". Fewer FLOPs are not faster here" if fewer else "")
+        + f". To search for speed, use {search}"
+        + (" with the same `--target`" if first.on == "target" else "")
+        + "."
+    )
+
+
+def _slowdown(row: FrontRecord, slow: Slowdown, facts: Facts, *, where: bool = True) -> str:
+    """``1.25x the original's latency (batch 1, the device), at 19.0 % of the FLOPs``; without
+    the batch and the device when not ``where``."""
+    if slow.on == "cpu":
+        batch, device = facts.cpu_timing.get("batch", 1), facts.cpu_timing.get("device")
+    else:
+        target = (facts.view.record.get("latency") or {}).get("target") or {}
+        batch, device = target.get("batch", "?"), target.get("hardware")
+    text = f"{slow.times} the original's latency"
+    if where:
+        text += f" (batch {batch}" + (f", {device})" if device else ")")
+    if row.flops_ratio is not None and row.flops_ratio < 1:
+        text += f", at {fmt_pct(row.flops_ratio)} of the FLOPs"
+    return text
 
 
 def _latency_rows(facts: Facts) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from fga_search.core._plan import KEEP, load_plan
-from fga_search.runs._pareto import knee_cost
+from fga_search.runs._pareto import knee_cost, slower_than_original
 from fga_search.runs._records import FrontRecord
 from fga_search.runs._runview import RunView
 
@@ -73,6 +73,9 @@ def picks_section(doc: Doc, facts: Facts) -> None:
             items.append(("latency", f"{fmt_ms(row.latency_ms)} ({fmt_pct(row.latency_ratio)})"))
         if facts.cpu_latency:
             items.append(("CPU latency", f"{fmt_ms(row.cpu_latency_ms)} ({fmt_pct(row.cpu_latency_ratio)})"))
+        slow = slower_than_original(row)
+        if slow is not None:
+            items.append(("speed", f"**slower than the original {slow.where}** ({slow.times} its latency)"))
         items += [
             ("params", f"{fmt_pct(row.params_ratio)} ({fmt_count(row.params)})"),
             ("export", f"`fga-search export {run_arg} --pick {pick} --out exported`"),

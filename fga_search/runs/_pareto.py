@@ -3,12 +3,13 @@
 The one definition of a run's front, its best within the budget, its knee and of a usable trial,
 each by the run's objective (its costs: ``flops_ratio`` and/or ``latency_ratio``): the search
 (``_policy.finalize``, pareto.parquet), the run view (report, export) and the command line use them.
+Also the one test of a pick that runs slower than the original (``slower_than_original``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from ._records import FrontRecord
 
 __all__ = [
+    "Slowdown",
     "best_row",
     "front_rows",
     "hypervolume",
@@ -32,6 +34,7 @@ __all__ = [
     "pareto_front",
     "pareto_mask",
     "run_costs",
+    "slower_than_original",
 ]
 
 
@@ -157,6 +160,39 @@ def knee_row(front: Sequence[R], *, costs: Sequence[str]) -> R | None:
         return None
     cost = knee_cost(costs)
     return front[knee_index([r["val_acc"] for r in front], [r[cost] for r in front])]
+
+
+class Slowdown(NamedTuple):
+    """A model slower than the original: its latency ratio to the original's (> 1) and where that
+    was measured (``slower_than_original``)."""
+
+    ratio: float
+    on: Literal["target", "cpu"]  # the run's --target during the search, or this CPU after it
+
+    @property
+    def where(self) -> str:
+        return "on the target" if self.on == "target" else "on this CPU"
+
+    @property
+    def times(self) -> str:
+        """The ratio as ``1.25x`` (three decimals where two would read ``1.00x``)."""
+        return f"{self.ratio:.2f}x" if self.ratio >= 1.005 else f"{self.ratio:.3f}x"
+
+
+def slower_than_original(row: Row) -> Slowdown | None:
+    """How much slower than the original a trial's model runs, or None when it is not slower or its
+    latency is unknown: its ``latency_ratio`` (measured on the run's --target) if it has one, else
+    its ``cpu_latency_ratio`` (a front member of a run without a target, timed side by side with
+    the original on this CPU after the search)."""
+    measured: tuple[tuple[str, Literal["target", "cpu"]], ...] = (
+        ("latency_ratio", "target"),
+        ("cpu_latency_ratio", "cpu"),
+    )
+    for column, on in measured:
+        ratio = row.get(column)
+        if ratio is not None:
+            return Slowdown(float(ratio), on) if ratio > 1.0 else None
+    return None
 
 
 def mark_front(
