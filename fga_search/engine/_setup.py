@@ -203,12 +203,9 @@ def check_latency_budget(budget: float, latency: LatencyModel, fastest: Plan, ta
         if latency.rest_ms >= 0:
             why = f"everything but the convolutions takes {latency.rest_ms / latency.base_ms:.0%} of it"
         else:  # layers timed one at a time can cost more than inside the model: no share to state
-            why = (
-                f"its convolutions, timed one at a time, add up to {latency.base_ms - latency.rest_ms:.2f} ms, "
-                "more than the whole model"
-            )
-        dense = [name for name, choice in fastest.items() if choice == KEEP]
-        overhead = ""
+            convs_ms = latency.base_ms - latency.rest_ms
+            why = f"its convolutions, timed one at a time, add up to {convs_ms:.2f} ms, more than the whole model"
+        dense, overhead = [name for name, choice in fastest.items() if choice == KEEP], ""
         if fastest and 2 * len(dense) >= len(fastest):  # most convs are faster dense than as any pair
             overhead = (
                 f"; {len(dense)} of the {len(fastest)} searched convs run slower as any FGA pair than "
