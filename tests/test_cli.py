@@ -310,8 +310,9 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     assert choices["target_dtype"] == tuple(DTYPES) == ("float32", "bf16", "fp16")
     assert sorted(choices) == [
         "backend", "budget_metric", "objective", "sampler", "strategy", "target_dtype", "target_memory_format",
-        "val_from",
+        "target_runtime", "val_from",
     ]  # fmt: skip
+    assert choices["target_runtime"] == ("eager", "onnxruntime", "torchscript")
     # with no option given, the command line's config is RunConfig's defaults but for those it makes
     parsed = vars(_parser().parse_args([]))
     assert parsed == {f.name: None if f.name in made_by_the_command_line else f.default for f in cli_fields}
