@@ -29,6 +29,8 @@ Every ratio is measured side by side in one run; figures are medians.
 
     python scripts/bench_speed.py cpu [--trials 40] [--runs 100] [--table-only] [--searches latency,flops]
     python scripts/bench_speed.py gpu --data-dir DIR --weights resnet56_cifar10.pt
+    python scripts/bench_speed.py deploy [--cases resnet50,vgg16]   # where the model ships: ONNX
+        # Runtime latency searches and exports (scripts/_bench_deploy.py)
     python scripts/bench_speed.py gpu --device cpu --limit 512 --batch 64 ...   # a dry run of the
         # gpu part's code paths at toy sizes (scripts/gpu_check.sh --dry-run): no measurement
 """
@@ -410,7 +412,7 @@ def gpu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["cpu", "gpu"])
+    parser.add_argument("mode", choices=["cpu", "gpu", "deploy"])
     parser.add_argument("--trials", type=int, default=40, help="trials per CPU search")
     parser.add_argument("--epochs", type=float, default=0.05, help="fine-tuning epochs per CPU trial")
     parser.add_argument("--runs", type=int, default=100, help="latency runs per model (>= 50)")
@@ -436,7 +438,20 @@ def main() -> None:
         default=["latency", "flops"],
         help="cpu: which searches of parts 2-3 run (latency, flops; default both)",
     )
+    parser.add_argument(
+        "--cases", type=lambda t: t.split(","), default=["resnet50", "vgg16"], help="deploy: resnet50, vgg16"
+    )
+    parser.add_argument("--deploy-trials", type=int, default=8, help="deploy: trials per latency search")
+    parser.add_argument("--deploy-budget", type=float, help="deploy: latency budget (default 0.5 / 0.40)")
+    parser.add_argument(
+        "--finetune-epochs", type=float, default=10.0, help="deploy: vgg16's export fine-tune"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="deploy: side-by-side repetitions")
     args = parser.parse_args()
+    if args.mode == "deploy":
+        from _bench_deploy import deploy
+
+        return deploy(args)
     if not args.searches or set(args.searches) - {"latency", "flops"}:
         parser.error(f"--searches takes latency, flops or both, got {','.join(args.searches)}")
     if args.runs < 50:
