@@ -63,8 +63,13 @@ def repair(
         if choice != KEEP:
             assert isinstance(choice, tuple)
             g, r = choice
-            if r > 1:
-                moves.append((g, max(1, min(r - 1, int(r * 0.9)))))
+            lower = (
+                by_name[name].lower_rank(g, r)
+                if name in by_name
+                else (max(1, min(r - 1, int(r * 0.9))) if r > 1 else None)
+            )
+            if lower is not None:
+                moves.append((g, lower))
         if latency and name in by_name:
             moves.append(fastest_choice(name))
         best = None

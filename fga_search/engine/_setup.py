@@ -92,6 +92,7 @@ class SearchSetup:
         """Repair ``plan`` into the budget, or the tighter ``aim`` (analytically; no model is
         built), and price it."""
         budget, aim = self.config.budget, self.repair_budget
+        plan = self.space.round_plan(plan)  # every plan's ranks on the space's rank multiples
         proposed = self.cost.ratio(plan)
         fixed = (
             plan

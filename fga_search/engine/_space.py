@@ -7,7 +7,9 @@ per-layer overrides by name pattern. Every decomposable layer may be kept dense.
 Each layer ``L`` becomes two trial parameters: ``g:L``, a categorical over ``"keep"`` and the
 valid group counts, and ``r:L``, the rank fraction (a float). The space is the same for every
 trial (samplers such as NSGA-II and TPE work best so), and a fraction maps to
-``r = round(fraction * exact_rank(g))``, at least 1.
+``r = round(fraction * exact_rank(g))``, at least 1, then to the nearest multiple of the layer's
+``rank_multiple`` (default 1), where its exact rank allows one: on the AVX-512 CPUs of our
+benchmarks, ONNX Runtime runs an FGA pair at rank 16 10-50 % faster than at rank 15 or 17.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from fga_search.core._plan import KEEP, Plan
 __all__ = ["LayerSpace", "ResolvedSpace", "SearchSpace", "list_spaces", "load_space"]
 
 MAX_SPACE_BYTES = 1 << 20
-_TOP_KEYS = {"skip", "groups", "rank", "pointwise", "overrides"}
+_TOP_KEYS = {"skip", "groups", "rank", "rank_multiple", "pointwise", "overrides"}
 _RANK_KEYS = {"low", "high", "log"}
-_OVERRIDE_KEYS = {"match", "groups", "rank", "skip"}
+_OVERRIDE_KEYS = {"match", "groups", "rank", "rank_multiple", "skip"}
 
 
 def _spaces_dir() -> Any:
@@ -62,6 +64,7 @@ class Override:
     groups: tuple[int, ...] | None
     rank: RankRange | None
     skip: bool
+    rank_multiple: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class SearchSpace:
     overrides: tuple[Override, ...]
     source: str
     digest: str = ""  # sha256 of the file's text: a space edited in place is another space
+    rank_multiple: int = 1
 
     def resolve(self, layers: Sequence[LayerInfo], *, strict: bool = True) -> ResolvedSpace:
         """Tie the space to a model's decomposable layers.
@@ -98,10 +102,13 @@ class SearchSpace:
                 continue
             candidates = ov.groups if ov is not None and ov.groups is not None else self.groups
             rank = ov.rank if ov is not None and ov.rank is not None else self.rank
+            multiple = (
+                ov.rank_multiple if ov is not None and ov.rank_multiple is not None else self.rank_multiple
+            )
             groups = tuple(g for g in candidates if g in info.valid_groups)
             used_groups |= set(groups)
             if groups:
-                out.append(LayerSpace(info=info, groups=groups, rank=rank))
+                out.append(LayerSpace(info=info, groups=groups, rank=rank, rank_multiple=multiple))
         unused = sorted(listed - used_groups)
         if strict and unused and layers:
             raise ValueError(
@@ -116,6 +123,7 @@ class LayerSpace:
     info: LayerInfo
     groups: tuple[int, ...]
     rank: RankRange
+    rank_multiple: int = 1
 
     @property
     def name(self) -> str:
@@ -123,7 +131,22 @@ class LayerSpace:
 
     def rank_for(self, groups: int, fraction: float) -> int:
         top = self.info.exact_rank(groups)
-        return max(1, min(top, round(fraction * top)))
+        return self.round_rank(groups, max(1, min(top, round(fraction * top))))
+
+    def round_rank(self, groups: int, rank: int) -> int:
+        """``rank`` to the nearest multiple of ``rank_multiple`` within 1..exact rank (unchanged
+        where the exact rank is below the multiple)."""
+        m, top = self.rank_multiple, self.info.exact_rank(groups)
+        if m <= 1 or top < m:
+            return rank
+        return max(m, min(top - top % m, m * round(rank / m)))
+
+    def lower_rank(self, groups: int, rank: int) -> int | None:
+        """The next rank below ``rank`` the layer allows (about 10 % lower, by one at least), or None."""
+        m = self.rank_multiple
+        if m > 1 and self.info.exact_rank(groups) >= m:
+            return rank - m if rank - m >= m else None
+        return max(1, min(rank - 1, int(rank * 0.9))) if rank > 1 else None
 
     def lowest_ranks(self) -> dict[int, int]:
         """Each group count's smallest rank in the layer's range (its cheapest, fastest pair)."""
@@ -141,6 +164,16 @@ class ResolvedSpace:
 
     space: SearchSpace
     layers: tuple[LayerSpace, ...]
+
+    def round_plan(self, plan: Plan) -> Plan:
+        """``plan`` with each searched layer's rank on its ``rank_multiple``."""
+        out = dict(plan)
+        for layer in self.layers:
+            choice = out.get(layer.name, KEEP)
+            if layer.rank_multiple > 1 and choice != KEEP and not isinstance(choice, str):
+                g, r = int(choice[0]), int(choice[1])
+                out[layer.name] = (g, layer.round_rank(g, r))
+        return out
 
     def without(self, names: set[str]) -> ResolvedSpace:
         """The space with these layers removed (they stay dense)."""
@@ -213,6 +246,12 @@ def _positive_ints(value: object, where: str) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+def _multiple(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ValueError(f"{where} must be an integer from 1 to 256, got {_show(value)}")
+    return value
+
+
 def _rank(value: object, where: str) -> RankRange:
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be a mapping with low, high and log, got {_show(value)}")
@@ -265,6 +304,9 @@ def _parse(data: object, name: str, source: str) -> SearchSpace:
                 groups=_positive_ints(ov["groups"], f"{where}.groups") if "groups" in ov else None,
                 rank=_rank(ov["rank"], f"{where}.rank") if "rank" in ov else None,
                 skip=bool(ov.get("skip", False)),
+                rank_multiple=_multiple(ov["rank_multiple"], f"{where}.rank_multiple")
+                if "rank_multiple" in ov
+                else None,
             )
         )
     return SearchSpace(
@@ -275,6 +317,7 @@ def _parse(data: object, name: str, source: str) -> SearchSpace:
         pointwise=pointwise,
         overrides=tuple(overrides),
         source=source,
+        rank_multiple=_multiple(data.get("rank_multiple", 1), f"space {name!r}: rank_multiple"),
     )
 
 

@@ -252,7 +252,8 @@ def grow_ranks(space: ResolvedSpace, plan: Plan, *, rng: random.Random, layers: 
         assert not isinstance(choice, str)
         g, r = int(choice[0]), int(choice[1])
         top = layer.rank_for(g, layer.rank.high)
-        child[layer.name] = (g, min(top, max(r + 1, round(r * 1.25))))
+        step = max(1, layer.rank_multiple)  # one multiple up at least: rounding must not undo it
+        child[layer.name] = (g, layer.round_rank(g, min(top, max(r + step, round(r * 1.25)))))
     return child
 
 
