@@ -63,11 +63,7 @@ def repair(
         if choice != KEEP:
             assert isinstance(choice, tuple)
             g, r = choice
-            lower = (
-                by_name[name].lower_rank(g, r)
-                if name in by_name
-                else (max(1, min(r - 1, int(r * 0.9))) if r > 1 else None)
-            )
+            lower = by_name[name].lower_rank(g, r)  # only the space's layers are ever pushed
             if lower is not None:
                 moves.append((g, lower))
         if latency and name in by_name:
