@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fga_search.latency import Target, measure_side_by_side
-from fga_search.latency._onnx_pool import onnx_ready
+from fga_search.latency._runtimes import export_onnx
 
 from ._cpu_execution import cpu_target
 
@@ -52,21 +52,9 @@ def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, fl
 
 
 def write_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
-    """Export ``model`` to ONNX as the export writes ``model.onnx``: the TorchScript-based
-    exporter (the dynamo one needs onnxscript, not a dependency), a dynamic batch axis, input
-    ``input`` and output ``logits``, and no gradients, as a deployed model runs (FGA layers then
-    take their CPU execution). Adaptive average pools that the exporter refuses at this input size
-    are exported as the equivalent fixed linear map (``_onnx_pool``)."""
-    with torch.no_grad():
-        torch.onnx.export(
-            onnx_ready(model, example),
-            (example,),
-            path,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+    """Write ``model`` to ``path`` as the export writes ``model.onnx`` (``export_onnx``: the
+    latency target's ONNX Runtime measurements export the same way)."""
+    export_onnx(model, example, path)
 
 
 def _onnx_session(model: nn.Module, example: torch.Tensor, path: str, threads: int) -> Any:

@@ -20,7 +20,7 @@ from torch import nn
 from ._latency_target import Target
 from ._onnx_pool import onnx_ready
 
-__all__ = ["onnx_bytes", "onnx_session", "runner"]
+__all__ = ["export_onnx", "onnx_bytes", "onnx_session", "runner"]
 
 
 def _conv_node(
@@ -92,25 +92,34 @@ def _layer_onnx(model: nn.Module, example: torch.Tensor) -> bytes | None:
     return bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` exported to ONNX in memory, as ``model.onnx`` is written: input ``input``,
-    output ``logits``, a dynamic batch axis, no gradients (FGA layers take their CPU execution).
-    A lone conv or FGA pair is built directly, op for op as the exporter writes it."""
-    direct = _layer_onnx(model, example)
-    if direct is not None:
-        return direct
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+def export_onnx(model: nn.Module, example: torch.Tensor, destination: str | io.BytesIO) -> None:
+    """Export ``model`` to ONNX as the export writes ``model.onnx``: the TorchScript-based
+    exporter (the dynamo one needs onnxscript, not a dependency), a dynamic batch axis, input
+    ``input`` and output ``logits``, and no gradients, as a deployed model runs (FGA layers then
+    take their CPU execution). Adaptive average pools that the exporter refuses at this input size
+    are exported as the equivalent fixed linear map (``_onnx_pool``)."""
+    with torch.no_grad():
         torch.onnx.export(
             onnx_ready(model, example),
             (example,),
-            buffer,  # type: ignore[arg-type]  # the TorchScript-based exporter takes a file object
+            destination,  # type: ignore[arg-type]  # the TorchScript-based exporter takes a file object
             dynamo=False,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` exported to ONNX in memory (``export_onnx``). A lone conv or FGA pair is built
+    directly, op for op as the exporter writes it."""
+    direct = _layer_onnx(model, example)
+    if direct is not None:
+        return direct
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        export_onnx(model, example, buffer)
     return buffer.getvalue()
 
 
