@@ -446,6 +446,9 @@ def main() -> None:
     parser.add_argument(
         "--finetune-epochs", type=float, default=10.0, help="deploy: vgg16's export fine-tune"
     )
+    parser.add_argument(
+        "--finetune-lr", type=float, default=None, help="deploy: its peak learning rate (default: the run's)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="deploy: side-by-side repetitions")
     args = parser.parse_args()
     if args.mode == "deploy":
