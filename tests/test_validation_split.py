@@ -190,3 +190,32 @@ def test_a_search_validates_on_held_out_images_and_says_when_it_cannot(
     report = (tmp_path / "c" / "report.md").read_text()
     assert TRAIN_VALIDATION_WARNING not in report and "part of the test split (--val-from test)" in report
     assert "the data's val/ folder (held out)" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_data_seed_draws_the_validation_split_apart_from_the_search_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--data-seed: the held-out images and the --*-limit subsets follow it, not --seed."""
+    from fga_search.engine._config import RunConfig
+    from fga_search.engine._setup import prepare
+
+    root = _tree(tmp_path / "d", {"train": 20, "test": 6})
+
+    def data(**seeds: int) -> tuple[set[bytes], set[bytes]]:
+        config = RunConfig(out=str(tmp_path / "r"), model="resnet20", dataset="imagefolder", data_dir=str(root),
+                           train_limit=30, quiet=True, **seeds)  # type: ignore[arg-type]  # fmt: skip
+        bundle = prepare(config, log=False, latency_floor_check=False, time_latency=False).data
+        return _rows(bundle.val.images), _rows(bundle.train.images)
+
+    default, moved, by_seed = data(seed=0), data(seed=0, data_seed=5), data(seed=5)
+    assert moved == by_seed  # the data follow --data-seed ...
+    assert moved[0] != default[0] and moved[1] != default[1]  # ... not the search's --seed
+    assert len(moved[0]) == 6 and len(moved[1]) == 30  # 10 % of 60 held out; the subset of the rest
+    assert data(seed=3, data_seed=0) == default
+    code, _, err = call(
+        [*RUN, "--data-dir", str(root), "--data-seed", "5", "--out", str(tmp_path / "a")], capsys
+    )
+    assert code == 0, err
+    import json
+
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["data_seed"] == 5

@@ -203,6 +203,12 @@ class RunConfig:
         group=TRIAL,
         choices=VAL_FROM,
     )
+    data_seed: int | None = option(
+        None,
+        help="seed of the validation split and of the --*-limit subsets (default: --seed), to vary the "
+        "data apart from the search",
+        group=TRIAL,
+    )
     train_limit: int | None = option(
         None, help="use a stratified subset of this many training images", group=TRIAL
     )

@@ -300,7 +300,7 @@ def prepare(
         data_dir=config.data_dir,
         download=config.download,
         val_fraction=config.val_fraction,
-        seed=config.seed,
+        seed=config.seed if config.data_seed is None else config.data_seed,
         image_size=config.image_size,
         train_limit=config.train_limit,
         val_limit=config.val_limit,

@@ -61,9 +61,9 @@ def compress(
     """Compress a trained ``model`` by ``plan`` exactly as a search trial does before fine-tuning.
 
     ``data`` gives the training images (``fga_search.load_dataset``, with the run's dataset,
-    ``val_fraction`` and seed), ``normalization`` the model's input normalization (a run's
-    ``run.json`` records both), ``seed`` the run's ``--seed``. The trial's steps: ``calibration``
-    normalized training images drawn with ``seed`` → per-group SVD refined on them (``refine_mode``)
+    ``val_fraction`` and data seed: its ``data_seed``, else its ``seed``), ``normalization`` the
+    model's input normalization (a run's ``run.json`` records both), ``seed`` the run's ``--seed``.
+    The trial's steps: ``calibration`` normalized training images drawn with ``seed`` → per-group SVD refined on them (``refine_mode``)
     → batch-norm statistics re-estimated on ``recalibration`` training images. Scored on
     ``data.val``, the result has the trial's ``proxy_acc``. ``model`` keeps its
     weights; it is moved to ``device`` and put in eval mode.
