@@ -70,9 +70,10 @@ def run_case(args: argparse.Namespace, case: str) -> None:
           f"{best.latency_ratio if best else None}")  # fmt: skip
     if best is None:
         return
+    # (a long fine-tune shows its progress)
     exported = export(out, pick="best", out=os.path.join(out, "export"), formats=("onnx",),
                       finetune_epochs=finetune, finetune_lr=args.finetune_lr if finetune else None,
-                      quiet=not finetune)  # fmt: skip  (a long fine-tune shows its progress)
+                      quiet=not finetune)  # fmt: skip
     original_onnx = os.path.join(out, "original.onnx")
     write_onnx(as_deployed(original.eval(), target), torch.zeros(1, *shape), original_onnx)
     paths = {"original": original_onnx, "fga": os.path.join(out, "export", "model.onnx")}

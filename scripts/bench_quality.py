@@ -18,7 +18,7 @@ Two modes:
   0.2 each get a final distillation fine-tune (``--final-epochs``, default 15), right after that
   model's runs, and are scored on the test split.
 
-    python scripts/bench_quality.py --mode cpu [--trials 12] [--seeds 0,1,2] [--markdown results.md]
+    python scripts/bench_quality.py --mode cpu [--trials 12] [--seeds 0,1,2] [--data-seeds 0,101] [--markdown results.md]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Row:
     budget: float
     strategy: str
     seed: int
+    data_seed: int | None
     trials: int
     best_val: float | None
     best_test: float | None
@@ -65,9 +66,16 @@ class Row:
 
 
 def run_case(
-    args: argparse.Namespace, model: str, weights: str, budget: float, strategy: str, seed: int
+    args: argparse.Namespace,
+    model: str,
+    weights: str,
+    budget: float,
+    strategy: str,
+    seed: int,
+    data_seed: int | None = None,
 ) -> Row:
     out = os.path.join(args.out, f"{model}-b{budget:g}-{strategy}" + (f"-s{seed}" if seed else ""))
+    out += "" if data_seed is None else f"-d{data_seed}"
     shutil.rmtree(out, ignore_errors=True)
     gpu = args.mode == "gpu"
     config = RunConfig(
@@ -81,6 +89,7 @@ def run_case(
         epochs=args.epochs if gpu else 0.0,
         strategy=strategy,
         seed=seed,
+        data_seed=data_seed,
         device=args.device,
         batch_size=512 if gpu else 128,
         lr=0.05 if gpu else 0.02,
@@ -106,6 +115,7 @@ def run_case(
         budget=budget,
         strategy=strategy,
         seed=seed,
+        data_seed=data_seed,
         trials=result.finished,
         best_val=best["val_acc"] if best else None,
         best_test=best.get("test_acc") if best else None,
@@ -162,6 +172,48 @@ def final_finetune(args: argparse.Namespace, rows: list[Row], model: str) -> Fin
     return model, best.strategy, spec, base, time.perf_counter() - start
 
 
+def run_model(
+    args: argparse.Namespace,
+    rows: list[Row],
+    finals: list[Final],
+    gains: dict[tuple[str, float, int | None], list[float]],
+    model: str,
+    weights: str,
+    budget: float,
+    strategies: list[str],
+    seed: int,
+    data_seed: int | None,
+    seeds: list[int],
+) -> None:
+    """Every strategy on one case, and the search's gain over the better rule-based plan."""
+    for strategy in strategies:
+        row = run_case(args, model, weights, budget, strategy, seed, data_seed)
+        rows.append(row)
+        print(
+            f"{model:<12} budget {budget:<5g} {strategy:<12} seed {seed} data {data_seed} trials {row.trials:>3}  best val {fmt(row.best_val)}"
+            f"  test {fmt(row.best_test)}  FLOPs {fmt(row.flops)}  HV {row.hv:.4f}  {row.seconds:.0f} s",
+            flush=True,
+        )
+    by = {
+        r.strategy: r
+        for r in rows
+        if (r.model, r.budget, r.seed, r.data_seed) == (model, budget, seed, data_seed)
+    }
+    if "search" in by and ("uniform" in by or "error-alloc" in by):
+        rivals = [by[s].best_val or 0.0 for s in ("uniform", "error-alloc") if s in by]
+        gain = 100 * ((by["search"].best_val or 0.0) - max(rivals))
+        gains.setdefault((model, budget, data_seed), []).append(gain)
+        print(
+            f"  -> search vs the better of uniform and error-alloc: {gain:+.2f} points of validation accuracy",
+            flush=True,
+        )
+    if args.mode == "gpu" and args.final_epochs > 0 and budget == 0.2 and seed == seeds[-1]:
+        # right after the model's runs, so that a call cut short by its time limit keeps it
+        final = final_finetune(args, rows, model)
+        if final is not None:
+            finals.append(final)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
@@ -179,6 +231,12 @@ def main() -> None:
     parser.add_argument(
         "--seeds", default="0", help="comma-separated seeds; each runs every case (default: 0)"
     )
+    parser.add_argument(
+        "--data-seeds",
+        default="",
+        help="comma-separated data seeds (--data-seed: the validation split and subsets); each runs "
+        "every seed and case (default: none, the data follow each run's seed)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
@@ -190,55 +248,39 @@ def main() -> None:
     cases = CASES if args.cases == "all" else tuple(CASES[int(i)] for i in args.cases.split(","))
     strategies = [s for s in args.strategies.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    data_seeds: list[int | None] = [int(s) for s in args.data_seeds.split(",") if s] or [None]
     rows: list[Row] = []
     finals: list[Final] = []
-    gains: dict[tuple[str, float], list[float]] = {}
+    gains: dict[tuple[str, float, int | None], list[float]] = {}
     started = time.perf_counter()
     print(f"mode {args.mode}, {args.trials} trials per strategy, seeds {seeds}", flush=True)
-    for seed in seeds:
-        for model, weights, budget in cases:
-            for strategy in strategies:
-                row = run_case(args, model, weights, budget, strategy, seed)
-                rows.append(row)
-                print(
-                    f"{model:<12} budget {budget:<5g} {strategy:<12} seed {seed} trials {row.trials:>3}  best val {fmt(row.best_val)}"
-                    f"  test {fmt(row.best_test)}  FLOPs {fmt(row.flops)}  HV {row.hv:.4f}  {row.seconds:.0f} s",
-                    flush=True,
+    for data_seed in data_seeds:
+        for seed in seeds:
+            for model, weights, budget in cases:
+                run_model(
+                    args, rows, finals, gains, model, weights, budget, strategies, seed, data_seed, seeds
                 )
-            by = {r.strategy: r for r in rows if r.model == model and r.budget == budget and r.seed == seed}
-            if "search" in by and ("uniform" in by or "error-alloc" in by):
-                rivals = [by[s].best_val or 0.0 for s in ("uniform", "error-alloc") if s in by]
-                gain = 100 * ((by["search"].best_val or 0.0) - max(rivals))
-                gains.setdefault((model, budget), []).append(gain)
-                print(
-                    f"  -> search vs the better of uniform and error-alloc: {gain:+.2f} points of validation accuracy",
-                    flush=True,
-                )
-            if args.mode == "gpu" and args.final_epochs > 0 and budget == 0.2 and seed == seeds[-1]:
-                # right after the model's runs, so that a call cut short by its time limit keeps it
-                final = final_finetune(args, rows, model)
-                if final is not None:
-                    finals.append(final)
     print(f"wall time of all runs: {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    for (model, budget), values in gains.items():
+    for (model, budget, data_seed), values in gains.items():
         print(
-            f"search's gain over the better of uniform and error-alloc, {model} @{budget:g}, seeds {seeds}: "
-            f"{', '.join(f'{v:+.2f}' for v in values)} (mean {sum(values) / len(values):+.2f}) points",
+            f"search's gain over the better of uniform and error-alloc, {model} @{budget:g}, data seed "
+            f"{'= seed' if data_seed is None else data_seed}, seeds {seeds}: {', '.join(f'{v:+.2f}' for v in values)} "
+            f"(mean {sum(values) / len(values):+.2f}, worst {min(values):+.2f}) points",
             flush=True,
         )
     lines = [
-        "| model | budget | strategy | seed | trials | best val acc | its test acc | FLOPs % | params % | HV | fine-tune epochs / trial | device | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | budget | strategy | seed | data seed | trials | best val acc | its test acc | FLOPs % | params % | HV | fine-tune epochs / trial | device | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.budget:g} | {r.strategy} | {r.seed} | {r.trials} | {fmt(r.best_val)} | {fmt(r.best_test)} | {fmt(r.flops)} | "
+            f"| {r.model} | {r.budget:g} | {r.strategy} | {r.seed} | {'=' if r.data_seed is None else r.data_seed} | {r.trials} | {fmt(r.best_val)} | {fmt(r.best_test)} | {fmt(r.flops)} | "
             f"{fmt(r.params)} | {r.hv:.4f} | {r.epochs:g} | {r.device} | {r.seconds:.0f} |"
         )
     for model, strategy, spec, base, seconds in finals:
         acc = spec["accuracy"]
         lines.append(
-            f"| {model}, final fine-tune | 0.2 | {strategy} | {seeds[0]} | 1 | - | {fmt(acc['test'])} (original {fmt(base['test_acc'])}, "
+            f"| {model}, final fine-tune | 0.2 | {strategy} | {seeds[0]} | | 1 | - | {fmt(acc['test'])} (original {fmt(base['test_acc'])}, "
             f"{100 * (acc['test'] - base['test_acc']):+.2f} pp) | {fmt(spec['flops']['ratio'])} | | | {args.final_epochs:g} | "
             f"{args.device} | {seconds:.0f} |"
         )

@@ -31,6 +31,8 @@ Every ratio is measured side by side in one run; figures are medians.
     python scripts/bench_speed.py gpu --data-dir DIR --weights resnet56_cifar10.pt
     python scripts/bench_speed.py deploy [--cases resnet50,vgg16]   # where the model ships: ONNX
         # Runtime latency searches and exports (scripts/_bench_deploy.py)
+    python scripts/bench_speed.py ranks [--cases vgg16,resnet56,resnet50]   # does rank_multiple
+        # make whole models faster in ONNX Runtime? (scripts/_bench_ranks.py)
     python scripts/bench_speed.py gpu --device cpu --limit 512 --batch 64 ...   # a dry run of the
         # gpu part's code paths at toy sizes (scripts/gpu_check.sh --dry-run): no measurement
 """
@@ -412,7 +414,7 @@ def gpu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["cpu", "gpu", "deploy"])
+    parser.add_argument("mode", choices=["cpu", "gpu", "deploy", "ranks"])
     parser.add_argument("--trials", type=int, default=40, help="trials per CPU search")
     parser.add_argument("--epochs", type=float, default=0.05, help="fine-tuning epochs per CPU trial")
     parser.add_argument("--runs", type=int, default=100, help="latency runs per model (>= 50)")
@@ -449,12 +451,20 @@ def main() -> None:
     parser.add_argument(
         "--finetune-lr", type=float, default=None, help="deploy: its peak learning rate (default: the run's)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="deploy: side-by-side repetitions")
+    parser.add_argument("--repeats", type=int, default=3, help="deploy, ranks: side-by-side repetitions")
+    parser.add_argument(
+        "--rank-budgets", type=lambda t: [float(b) for b in t.split(",")], default=[0.2, 0.4],
+        help="ranks: FLOPs budgets of the error-allocation plans (cases: vgg16, resnet56, resnet50)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.mode == "deploy":
         from _bench_deploy import deploy
 
         return deploy(args)
+    if args.mode == "ranks":
+        from _bench_ranks import ranks
+
+        return ranks(args)
     if not args.searches or set(args.searches) - {"latency", "flops"}:
         parser.error(f"--searches takes latency, flops or both, got {','.join(args.searches)}")
     if args.runs < 50:
