@@ -190,7 +190,7 @@ def run_model(
         row = run_case(args, model, weights, budget, strategy, seed, data_seed)
         rows.append(row)
         print(
-            f"{model:<12} budget {budget:<5g} {strategy:<12} seed {seed} data {data_seed} trials {row.trials:>3}  best val {fmt(row.best_val)}"
+            f"{model:<12} budget {budget:<5g} {strategy:<12} seed {seed}{'' if data_seed is None else f' data {data_seed}'} trials {row.trials:>3}  best val {fmt(row.best_val)}"
             f"  test {fmt(row.best_test)}  FLOPs {fmt(row.flops)}  HV {row.hv:.4f}  {row.seconds:.0f} s",
             flush=True,
         )
