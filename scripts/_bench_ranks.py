@@ -46,7 +46,9 @@ def run_case(case: str, *, budgets: list[float], repeats: int, runs: int, target
     name, classes, weights, space_name, shape = CASES[case]
     model = build_model(name, num_classes=classes, weights=checkpoint(weights) if weights else None).eval()
     profile = ModelProfile(model, input_shape=shape)
-    space = load_space(space_name)
+    space = dataclasses.replace(
+        load_space(space_name), rank_multiple=1
+    )  # exact ranks, whatever the file sets
     resolved = space.resolve(profile.layers, strict=False)
     cost, spectra = CostModel(profile, "flops"), SpectralTable(model)
     data = None if weights is None else load_dataset("imagefolder", data_dir=cifar_dir(), train_limit=10_000,
