@@ -53,6 +53,7 @@ def run_case(case: str, *, budgets: list[float], repeats: int, runs: int, target
     cost, spectra = CostModel(profile, "flops"), SpectralTable(model)
     data = None if weights is None else load_dataset("imagefolder", data_dir=cifar_dir(), train_limit=10_000,
                                                      test_limit=2000)  # fmt: skip
+    test = None if data is None else DeviceSplit(data.test, device="cpu", normalization=CIFAR10)
     for budget in budgets:
         plan = error_alloc_plan(resolved, cost, spectra, budget=budget)
         if plan is None:
@@ -66,9 +67,9 @@ def run_case(case: str, *, budgets: list[float], repeats: int, runs: int, target
                 p = repair(rounded.round_plan(plan), cost=cost, spectra=spectra, space=rounded, budget=budget)
             models[f"x{m}"] = apply_plan_structure(copy.deepcopy(model), p).eval()
             flops[f"x{m}"] = profile.ratio(p)
-            if data is not None:
+            if data is not None and test is not None:
                 student = compress(model, p, data, normalization=CIFAR10, calibration=128, recalibration=512)
-                acc[f"x{m}"] = evaluate(student, DeviceSplit(data.test, device="cpu", normalization=CIFAR10))
+                acc[f"x{m}"] = evaluate(student, test)
         ratios: dict[str, list[float]] = {k: [] for k in flops}
         for _ in range(repeats):
             ms = measure_side_by_side_as_exported(

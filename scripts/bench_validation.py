@@ -31,6 +31,8 @@ import shutil
 import statistics
 import time
 
+from scipy.stats import kendalltau  # scipy comes with scikit-learn, a dependency
+
 from _bench_common import checkpoint, cifar_dir
 from fga_search import load_plan
 from fga_search.data._imagefolder import _load_folder
@@ -63,26 +65,6 @@ def split_test(cifar: str, out: str, *, seed: int, per_class: int | None) -> tup
             for f in part:
                 os.symlink(os.path.join(cifar, "test", cls, f), os.path.join(folder, cls, f))
     return data, clean
-
-
-def kendall_tau_b(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b (ties in either ranking count as neither concordant nor discordant)."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denom = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
-    return (concordant - discordant) / denom if denom else float("nan")
 
 
 def run_case(args: argparse.Namespace, case: str, epochs: float, seed: int, data: str, clean: str) -> dict:
@@ -119,7 +101,7 @@ def run_case(args: argparse.Namespace, case: str, epochs: float, seed: int, data
     by_clean = max(within, key=lambda s: (s["clean"], -s["trial"]))
     result = dict(
         case=case, epochs=epochs, seed=seed, trials=len(scored),
-        tau=kendall_tau_b([s["val"] for s in scored], [s["clean"] for s in scored]),
+        tau=float(kendalltau([s["val"] for s in scored], [s["clean"] for s in scored]).statistic),  # tau-b
         regret=by_clean["test"] - by_val["test"], by_val=by_val, by_clean=by_clean,
         oracle=max(s["test"] for s in within), val_mean=statistics.mean(s["val"] for s in scored),
         clean_mean=statistics.mean(s["clean"] for s in scored), drift=drift, search_s=search_s,
