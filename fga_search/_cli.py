@@ -73,6 +73,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
     )
     if args.ray_address is not None:
         options["backend"] = "ray"
+    if args.rungs is not None:  # the rungs give the epochs: an --epochs beside them is refused
+        if args.epochs is not None:
+            raise ValueError(f"--rungs gives each rung's fine-tuning epochs: drop --epochs {args.epochs:g}")
+        options["epochs"] = next(f.default for f in fields(RunConfig) if f.name == "epochs")
     for f in fields(RunConfig):
         cli = option_of(f)
         if cli is not None and cli.quickstart is not None and options[f.name] is None:

@@ -292,7 +292,7 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     assert len(by_dest) == len(actions)  # one option a field
     cli_fields = [f for f in fields(RunConfig) if option_of(f) is not None]  # KeyError: not marked
     assert [f.name for f in cli_fields] == [a.dest for a in actions]
-    assert len(cli_fields) == len(fields(RunConfig)) == 51  # no field is API-only today
+    assert len(cli_fields) == len(fields(RunConfig)) == 54  # no field is API-only today
     made_by_the_command_line = []
     for f in cli_fields:
         action, cli = by_dest[f.name], option_of(f)
@@ -309,9 +309,10 @@ def test_every_run_config_field_is_one_option_with_its_default() -> None:
     assert choices["sampler"] == tuple(SAMPLERS) == ("nsga2", "tpe", "random")
     assert choices["target_dtype"] == tuple(DTYPES) == ("float32", "bf16", "fp16")
     assert sorted(choices) == [
-        "backend", "budget_metric", "objective", "sampler", "strategy", "target_dtype", "target_memory_format",
-        "target_runtime", "val_from",
+        "backend", "budget_metric", "objective", "promote", "sampler", "strategy", "target_dtype",
+        "target_memory_format", "target_runtime", "val_from",
     ]  # fmt: skip
+    assert choices["promote"] == ("continue", "rerun")
     assert choices["target_runtime"] == ("eager", "onnxruntime", "torchscript")
     # with no option given, the command line's config is RunConfig's defaults but for those it makes
     parsed = vars(_parser().parse_args([]))
@@ -333,7 +334,7 @@ def test_the_search_options_are_built_without_torch() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["[]", "52"]  # 51 options and --help, none of the heavy modules
+    assert proc.stdout.split() == ["[]", "55"]  # 54 options and --help, none of the heavy modules
 
 
 def test_the_command_line_makes_the_run_folder_and_the_quickstart_defaults(tmp_path: Path) -> None:

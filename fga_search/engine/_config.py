@@ -7,19 +7,19 @@ so a default, a choice list or a help text is written once, here or in the regis
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from fga_search._util._paths import check_out_path
-from fga_search._util._storage import check_storage_url
 from fga_search.latency._latency_target import DTYPES, RUNTIMES
 
-from ._option import option, option_of, options_doc
+from ._config_checks import check
+from ._option import option, options_doc
 from ._study import SAMPLERS
 
 if TYPE_CHECKING:
     from fga_search.latency import Target
+
+    from ._rungs import Rungs
 
 __all__ = ["BUDGET_METRICS", "STRATEGIES", "RunConfig"]
 
@@ -29,8 +29,8 @@ BACKENDS = ("optuna", "ray")
 # the search, or a rule-based baseline (fga_search.engine._strategies makes their plans)
 STRATEGIES = ("search", "uniform", "error-alloc", "random")
 MEMORY_FORMATS = ("nchw", "channels_last")
+PROMOTE = ("continue", "rerun")  # how a promoted plan reaches its new rung (--promote)
 VAL_FROM = ("train", "test")  # where --val-from takes the validation images
-MAX_SEED = 2**31 - 1  # the samplers seed numpy, which takes seeds below 2**32; a run adds to its seed
 
 # the option groups of ``fga-search --help``, in order
 WHAT, SEARCH, TRIAL, RAY, STORAGE = (
@@ -40,11 +40,6 @@ WHAT, SEARCH, TRIAL, RAY, STORAGE = (
     "Ray cluster (see docs/ray.md)",
     "storage",
 )
-
-
-def _number(value: object) -> bool:
-    """A finite real number (not a bool, not NaN, not an infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def needs_latency(objective: str, budget_metric: str) -> bool:
@@ -105,6 +100,22 @@ class RunConfig:
         "(default {default:g}; quickstart {quickstart:g})",
         group=SEARCH,
         quickstart=3.0,
+    )
+    rungs: str | None = option(
+        None,
+        help="multi-fidelity: fine-tuning epochs per rung, e.g. 0,0.1,0.3,1 (0: the zero-cost proxy); "
+        "plans enter at the first, the best 1/--eta of a rung move up (see docs/search.md); not with --epochs",
+        group=SEARCH,
+    )
+    eta: int = option(
+        3, help="with --rungs: the promotion ratio, an integer >= 2 (default {default})", group=SEARCH
+    )
+    promote: str = option(
+        "continue",
+        help="with --rungs: a promoted plan continues from its weights at the rung below (default) or "
+        "reruns from the decomposed model",
+        group=SEARCH,
+        choices=PROMOTE,
     )
     sampler: str = option(
         "nsga2", help="Optuna sampler (default {default})", group=SEARCH, choices=tuple(SAMPLERS)
@@ -265,102 +276,7 @@ class RunConfig:
     quiet: bool = option(False, help="print only the final summary", group=STORAGE)
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: object, why: str) -> None:
-            raise ValueError(f"--{name.replace('_', '-')} {why}, got {value!r}")
-
-        if not (
-            isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0 < self.budget <= 1
-        ):
-            bad("budget", self.budget, "must be in (0, 1]")
-        for f in fields(self):  # the options with a list of choices (None: the default's "unset")
-            cli = option_of(f)
-            value = getattr(self, f.name)
-            if cli is not None and cli.choices is not None and value not in cli.choices:
-                if not (value is None and f.default is None):
-                    bad(f.name, value, f"must be one of {', '.join(cli.choices)}")
-        if self.needs_latency and self.target is None:
-            raise ValueError(
-                "a latency objective or --budget-metric latency needs --target (e.g. cpu:2 or cuda)"
-            )
-        if self.target_batch < 1:
-            bad("target_batch", self.target_batch, "must be >= 1")
-        if self.target is not None:
-            self.latency_target()  # the target's syntax, thread count and dtype
-            if not self.needs_latency:  # it would be ignored
-                raise ValueError(
-                    f"--target {self.target!r} is used by a latency objective or --budget-metric latency; "
-                    "add --objective accuracy,flops,latency to search and report latency on it "
-                    "(without --target, the front is timed on this CPU after the search)"
-                )
-        elif any(
-            getattr(self, f.name) != f.default
-            for f in fields(self)
-            if f.name in ("target_batch", "target_dtype", "target_memory_format", "target_runtime")
-        ):
-            raise ValueError(
-                "--target-batch, --target-dtype, --target-memory-format and --target-runtime need --target "
-                "(e.g. cpu:2 or cuda)"
-            )
-        if (
-            isinstance(self.front_latency_runs, bool)
-            or not isinstance(self.front_latency_runs, int)
-            or not (self.front_latency_runs == 0 or self.front_latency_runs >= 10)
-        ):
-            bad("front_latency_runs", self.front_latency_runs, "must be 0 (skip) or an integer >= 10")
-        if self.val_dir is not None and self.val_from is not None:
-            raise ValueError(
-                f"--val-dir and --val-from exclude each other, got --val-dir {self.val_dir!r} "
-                f"and --val-from {self.val_from!r}"
-            )
-        if self.trials < 1:
-            bad("trials", self.trials, "must be >= 1")
-        if not (_number(self.epochs) and self.epochs >= 0):
-            bad("epochs", self.epochs, "must be a number >= 0")
-        if self.population is not None and self.population < 2:
-            bad("population", self.population, "must be >= 2")
-        if self.timeout is not None and not (_number(self.timeout) and self.timeout > 0):
-            bad("timeout", self.timeout, "must be a number of seconds > 0")
-        if self.batch_size < 1:
-            bad("batch_size", self.batch_size, "must be >= 1")
-        if not (_number(self.lr) and self.lr > 0):
-            bad("lr", self.lr, "must be a number > 0")
-        if not (_number(self.device_data_gb) and self.device_data_gb >= 0):
-            bad("device_data_gb", self.device_data_gb, "must be a number >= 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            bad("seed", self.seed, f"must be an integer in [0, {MAX_SEED}]")
-        check_out_path(self.out)
-        if self.storage is not None:
-            check_storage_url(self.storage)
-        if self.workers < 0:
-            bad("workers", self.workers, "must be >= 0")
-        if not 0 < self.val_fraction < 1:
-            bad("val_fraction", self.val_fraction, "must be in (0, 1)")
-        for name in ("train_limit", "val_limit", "test_limit", "image_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                bad(name, v, "must be >= 1")
-        if self.calibration < 1 or self.recalibration < 1:
-            bad("calibration", self.calibration, "and --recalibration must be >= 1")
-        if self.ray_address is not None and self.backend != "ray":
-            raise ValueError("--ray-address needs the Ray backend (it implies --backend ray)")
-        if self.gpus_per_trial is not None and not (
-            0 <= self.gpus_per_trial and math.isfinite(self.gpus_per_trial)
-        ):
-            bad("gpus_per_trial", self.gpus_per_trial, "must be >= 0")
-        if (
-            self.gpus_per_trial is not None
-            and self.gpus_per_trial > 1
-            and self.gpus_per_trial != int(self.gpus_per_trial)
-        ):
-            bad("gpus_per_trial", self.gpus_per_trial, "must be a fraction <= 1 or a whole number")
-        if self.cpus_per_trial is not None and not (
-            self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)
-        ):
-            bad("cpus_per_trial", self.cpus_per_trial, "must be > 0")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            bad("max_concurrent", self.max_concurrent, "must be >= 1")
-        if self.model is None and self.weights is not None:
-            raise ValueError("--weights needs --model")
+        check(self)
 
     @property
     def needs_latency(self) -> bool:
@@ -381,6 +297,13 @@ class RunConfig:
             channels_last=layout,
             runtime=self.target_runtime,
         )
+
+    def rung_schedule(self) -> Rungs | None:
+        """The ``--rungs`` and ``--eta`` of a multi-fidelity search (``ValueError`` if malformed),
+        or None for single-fidelity trials of ``epochs`` each."""
+        from ._rungs import Rungs
+
+        return None if self.rungs is None else Rungs.parse(self.rungs, eta=self.eta)
 
     @property
     def costs(self) -> list[str]:

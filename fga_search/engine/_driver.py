@@ -35,6 +35,7 @@ from fga_search.runs._records import rows_to_table, write_parquet
 from fga_search.runs._runfolder import RunFolder
 from fga_search.train._trial import OverBudget, TrialRunner
 
+from ._driver_rungs import RungsMixin
 from ._policy import (
     REPORT_EVERY,
     SearchResult,
@@ -47,8 +48,10 @@ from ._policy import (
     trial_constraint,
     update_latency_aim,
 )
+from ._rungs import Fidelity, rung_of
 from ._setup import SearchSetup
 from ._study import (
+    RUNG_ATTRS,
     count_finished,
     make_sampler,
     open_study,
@@ -82,6 +85,7 @@ class PendingTrial:
     trial: optuna.trial.Trial
     plan: Plan
     record: dict[str, Any]
+    fidelity: Fidelity | None = None  # with --rungs: how it trains
 
     @property
     def number(self) -> int:
@@ -92,12 +96,22 @@ class PendingTrial:
         return int(self.record["seed"])
 
 
-def run_trial(runner: TrialRunner, plan: Plan, *, seed: int) -> TrialResult:
+def run_trial(runner: TrialRunner, plan: Plan, *, seed: int, fidelity: Fidelity | None = None) -> TrialResult:
     """Run one trial (every executor's way): a model measured over a latency budget is
     infeasible, never fine-tuned; an exception (a NaN loss, out of memory) fails the trial only.
-    KeyboardInterrupt and other BaseExceptions propagate."""
+    KeyboardInterrupt and other BaseExceptions propagate. A rung's trial (``fidelity``) goes on
+    from the weights of the rung below where their file is at hand (``continued``), else it
+    trains its rung's epochs from the decomposed model."""
+    kwargs: dict[str, Any] = {}
+    if fidelity is not None:
+        state = None
+        if fidelity.init is not None and os.path.isfile(fidelity.init):
+            state = torch.load(fidelity.init, map_location="cpu", weights_only=True)
+        start = fidelity.start if state is not None else 0.0
+        kwargs = {"epochs": fidelity.epochs - start, "init_state": state}
+        kwargs["measure_latency"] = fidelity.measure_latency
     try:
-        outcome = runner.run(plan, seed=seed)
+        outcome = runner.run(plan, seed=seed, **kwargs)
     except OverBudget as exc:
         return TrialResult(
             "infeasible",
@@ -119,7 +133,13 @@ def run_trial(runner: TrialRunner, plan: Plan, *, seed: int) -> TrialResult:
         state = cpu_state_dict(model)
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
-    return TrialResult("ok", outcome.metrics(), save)
+    metrics = outcome.metrics()
+    if fidelity is not None:
+        if fidelity.init is not None:  # a promotion set to continue: did it find the weights?
+            metrics["continued"] = kwargs["init_state"] is not None
+        if not fidelity.measure_latency:  # the rung below's measurement stands
+            metrics.pop("latency_ms"), metrics.pop("latency_ratio")
+    return TrialResult("ok", metrics, save)
 
 
 def objective_values(costs: list[str], accuracy: float, record: dict[str, Any]) -> list[float]:
@@ -139,7 +159,7 @@ _DUPLICATE_KEYS = ("val_acc", "proxy_acc", "macs_measured", "finetune_steps", "l
 
 
 @dataclass
-class SearchDriver:
+class SearchDriver(RungsMixin):
     setup: SearchSetup
     folder: RunFolder
     runner: TrialRunner
@@ -182,9 +202,10 @@ class SearchDriver:
                 )
         self.deadline = time.monotonic() + c.timeout if c.timeout else None
         self.rng = mutation_rng(c, self.finished)
+        self.rungs = c.rung_schedule()
         self.rows = self.save()
         self.known = {
-            r["plan"]: r
+            (r["plan"], rung_of(r)): r
             for r in self.rows
             if r["state"] == "COMPLETE" and r.get("status") == "ok" and r.get("plan")
         }
@@ -192,18 +213,30 @@ class SearchDriver:
 
     # -- the loop -----------------------------------------------------------------------
     def wants_more(self) -> bool:
-        """Whether trials are left to hand out (the trial count, and --timeout, allow more)."""
+        """Whether trials are left to hand out (the trial count, and --timeout, allow more). With
+        --rungs the count is of plans (trials at the lowest rung); promotions come on top of it,
+        while any plan has earned one."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return False
-        return self.finished + len(self.running) < self.total
+        if self.rungs is None:
+            return self.finished + len(self.running) < self.total
+        return self.entered() < self.total or self.promotion_waiting() or self.promotion() is not None
 
     def next_trial(self) -> PendingTrial | None:
         """The next trial to run, or None when no more are to be handed out. Plans that need no
         run (infeasible, or a duplicate of a finished trial) are told here, and the loop goes on."""
         setup = self.setup
         while self.wants_more():
-            maybe_enqueue_mutation(setup, self.study, self.rows, self.rng)
+            promoting = self.rungs is not None and self.maybe_enqueue_promotion()
+            if not promoting:
+                if self.rungs is not None and self.entered() >= self.total and not self.promotion_waiting():
+                    return None  # no plan left to enter, no promotion due: wait for those running
+                maybe_enqueue_mutation(setup, self.study, self.rows, self.rng)
             trial = self.study.ask()
+            if self.rungs is not None and trial.user_attrs.get("rung"):
+                pending = PendingTrial(trial, *self.promotion_job(trial))
+                self.running[pending.number] = pending
+                return pending
             prop = setup.propose(setup.space.to_plan(setup.space.suggest(trial)))
             requeued = trial.user_attrs.get("requeued_from")
             number = requeued if requeued is not None else trial.number  # an interrupted trial's seed
@@ -212,13 +245,17 @@ class SearchDriver:
                 "source", "requeued" if requeued is not None else "sampler"
             )
             record.update(alloc_attrs(trial.user_attrs))
+            fidelity = None
+            if self.rungs is not None:
+                record.update(rung=0, epochs=self.rungs.epochs[0])
+                fidelity = Fidelity(epochs=self.rungs.epochs[0])
             trial.set_user_attr("record", record)  # one write: each is a database commit
-            pending = PendingTrial(trial, prop.plan, record)
+            pending = PendingTrial(trial, prop.plan, record, fidelity)
             if not prop.within_budget:
                 reason = "plan exceeds the budget even after repair"
                 self.tell(pending, "infeasible", {"fail_reason": reason})
                 continue
-            source = self.known.get(prop.key)
+            source = self.known.get((prop.key, 0))
             if source is not None:  # the same plan again: reuse its result instead of recomputing it
                 extra = {k: source.get(k) for k in _DUPLICATE_KEYS}
                 self.tell(pending, "duplicate", {**extra, "duplicate_of": source["trial"]})
@@ -240,12 +277,20 @@ class SearchDriver:
         # finished trial (the export re-runs a member without weights from its plan and seed)
         if result.status == "ok" and result.save_model is not None and pending.trial.number in self.front():
             result.save_model(self.folder.checkpoint(pending.trial.number))
+        if self.rungs is not None and self.setup.config.promote == "continue":
+            rung = int(pending.record.get("rung") or 0)
+            keep = rung < self.rungs.top and self.rungs.epochs[rung] > 0  # a promotion may go on from it
+            if result.status == "ok" and result.save_model is not None and keep:
+                os.makedirs(os.path.dirname(self.rung_weights(pending.number)), exist_ok=True)
+                result.save_model(self.rung_weights(pending.number))
+            self.prune_rung_weights()
 
     def interrupt(self, pending: PendingTrial, reason: str) -> None:
         """A trial stopped before its end: failed as interrupted, its plan queued again (with its seed)."""
         self.running.pop(pending.number, None)
         trial = pending.trial
-        self.study.enqueue_trial(dict(trial.params), user_attrs={"requeued_from": trial.number})
+        carried = {k: trial.user_attrs[k] for k in RUNG_ATTRS if k in trial.user_attrs}
+        self.study.enqueue_trial(dict(trial.params), user_attrs={**carried, "requeued_from": trial.number})
         trial.set_user_attr("record", {**pending.record, "fail_reason": reason})
         trial.set_user_attr("status", "interrupted")
         self.study.tell(trial, state=TrialState.FAIL)
@@ -270,13 +315,16 @@ class SearchDriver:
         if self.finished % REPORT_EVERY == 0:
             refresh_report(self.folder.path)
         if status == "ok":
-            self.known[record["plan"]] = next(r for r in self.rows if r["trial"] == trial.number)
+            self.known[(record["plan"], rung_of(record))] = next(
+                r for r in self.rows if r["trial"] == trial.number
+            )
         self.keep_front_checkpoints()
         best = best_row(self.rows, costs=self.costs)
+        done = "done" if status == "ok" else status
         self.progress.update(
-            done=self.finished,
+            done=self.finished if self.rungs is None else self.entered(),
             number=trial.number,
-            status="done" if status == "ok" else status,
+            status=done if self.rungs is None else f"{done} at rung {rung_of(record)}",
             val_acc=values[0] if values and status != "infeasible" else None,
             ratio=record["flops_ratio"],
             seconds=metrics.get("seconds_total"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ from fga_search.train._trial import TrialRunner, TrialSettings
 
 from ._driver import PendingTrial, SearchDriver, TrialResult, run_trial
 from ._policy import SearchResult
+from ._rungs import Fidelity
 from ._setup import SearchSetup
 
 __all__ = ["run_on_ray"]
@@ -116,7 +118,8 @@ def _trainable(config: dict[str, Any], payload: _Payload) -> None:
         "gpu_ids": json.dumps([str(g) for g in ray.get_gpu_ids()]),
     }
     runner = _runner(payload)
-    result = run_trial(runner, load_plan(config["plan"]), seed=config["seed"])
+    fidelity = Fidelity(**config["fidelity"]) if config.get("fidelity") else None
+    result = run_trial(runner, load_plan(config["plan"]), seed=config["seed"], fidelity=fidelity)
     metrics = {**result.metrics, "status": result.status, "device": str(runner.device), **meta}
     if result.save_model is None:
         tune.report(metrics)
@@ -239,7 +242,15 @@ class _DriverSearcher(Searcher):  # type: ignore[misc]
         if pending is None:  # nothing more to hand out: wait for those in flight, then stop
             return Searcher.FINISHED if not self.pending else None
         self.pending[trial_id] = pending
-        return {"number": pending.number, "plan": pending.record["plan"], "seed": pending.seed}
+        fidelity = dataclasses.asdict(pending.fidelity) if pending.fidelity is not None else None
+        # a promotion that continues reads the weights of the rung below from the run folder:
+        # on a node that does not see it, it trains its rung's epochs from the decomposed model
+        return {
+            "number": pending.number,
+            "plan": pending.record["plan"],
+            "seed": pending.seed,
+            "fidelity": fidelity,
+        }
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False

@@ -14,12 +14,23 @@ Pure functions over scores: the driver keeps the results and asks ``next_promoti
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from fga_search.runs._pareto import pareto_mask
+from fga_search.runs._pareto import is_feasible, knee_cost, pareto_mask
 
-__all__ = ["RungScore", "Rungs", "crowding_distance", "next_promotion", "promotion_order", "promotions"]
+__all__ = [
+    "Fidelity",
+    "RungScore",
+    "Rungs",
+    "crowding_distance",
+    "next_promotion",
+    "promotion_order",
+    "promotions",
+    "rung_of",
+    "rung_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -33,13 +44,13 @@ class Rungs:
     def __post_init__(self) -> None:
         shown = ",".join(f"{e:g}" for e in self.epochs)
         if len(self.epochs) < 2:
-            raise ValueError(f"rungs must name at least two fidelities, got {shown or 'none'!r}")
+            raise ValueError(f"--rungs must name at least two fidelities, got {shown or 'none'!r}")
         if any(not (math.isfinite(e) and e >= 0) for e in self.epochs):
-            raise ValueError(f"rungs must be finite epochs >= 0, got {shown!r}")
+            raise ValueError(f"--rungs must be finite epochs >= 0, got {shown!r}")
         if any(b <= a for a, b in zip(self.epochs, self.epochs[1:])):
-            raise ValueError(f"rungs must be strictly increasing, got {shown!r}")
+            raise ValueError(f"--rungs must be strictly increasing, got {shown!r}")
         if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
-            raise ValueError(f"eta must be an integer >= 2, got {self.eta!r}")
+            raise ValueError(f"--eta must be an integer >= 2, got {self.eta!r}")
 
     @classmethod
     def parse(cls, text: str, *, eta: int = 3) -> Rungs:
@@ -47,7 +58,7 @@ class Rungs:
         try:
             epochs = tuple(float(part) for part in text.split(","))
         except ValueError:
-            raise ValueError(f"rungs must be comma-separated epochs, got {text!r}") from None
+            raise ValueError(f"--rungs must be comma-separated epochs, got {text!r}") from None
         return cls(epochs, eta)
 
     @property
@@ -123,3 +134,45 @@ def next_promotion(
         if candidates:
             return candidates[0], k + 1
     return None
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How a trial of a multi-fidelity search trains: to ``epochs`` (its rung's), from the
+    weights in ``init`` (a promotion that continues; they had ``start`` epochs) where that file
+    exists, else from the decomposed model; ``measure_latency=False`` for a plan measured at the
+    rung below."""
+
+    epochs: float
+    start: float = 0.0
+    init: str | None = None
+    measure_latency: bool = True
+
+
+def rung_of(row: Mapping[str, Any]) -> int:
+    """A trial's rung (0 for a single-fidelity trial)."""
+    return int(row.get("rung") or 0)
+
+
+def rung_scores(
+    rows: Sequence[Mapping[str, Any]], *, rungs: Rungs, costs: Sequence[str]
+) -> tuple[list[list[RungScore]], list[set[int]]]:
+    """From a run's trial rows: the results finished at each rung (``RungScore`` by trial number:
+    ok or measured over the budget; the cost is the objective's knee cost) and, per rung, the trials
+    already promoted from it (queued, running or finished at the rung above)."""
+    by_rung: list[list[RungScore]] = [[] for _ in rungs.epochs]
+    promoted: list[set[int]] = [set() for _ in rungs.epochs]
+    cost = knee_cost(costs)
+    for r in rows:
+        k = rung_of(r)
+        if not 0 <= k <= rungs.top:
+            continue
+        if k > 0 and r.get("promoted_from") is not None:
+            promoted[k - 1].add(int(r["promoted_from"]))
+        if r.get("state") == "COMPLETE" and r.get("status") in ("ok", "infeasible"):
+            feasible = is_feasible(r, costs)
+            accuracy = float(r.get("val_acc") or 0.0)
+            by_rung[k].append(
+                RungScore(int(r["trial"]), accuracy, float(r[cost]) if feasible else math.inf, feasible)
+            )
+    return by_rung, promoted

@@ -142,7 +142,7 @@ def run_in_process(driver: SearchDriver, runner: TrialRunner) -> SearchResult:
     while (pending := driver.next_trial()) is not None:
         old = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
-            result = run_trial(runner, pending.plan, seed=pending.seed)
+            result = run_trial(runner, pending.plan, seed=pending.seed, fidelity=pending.fidelity)
         except (KeyboardInterrupt, _Interrupted):
             driver.interrupt(pending, "interrupted by the user")
             raise KeyboardInterrupt from None

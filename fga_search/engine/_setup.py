@@ -128,6 +128,7 @@ class SearchSetup:
             "space": self.space.space.source,
             "space_sha256": self.space.space.digest,
             "epochs": c.epochs,
+            **({"rungs": c.rungs, "eta": c.eta} if c.rungs is not None else {}),
             "seed": c.seed,
             "val_fraction": c.val_fraction,
             "train_limit": c.train_limit,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._config import RunConfig
 
 __all__ = [
+    "RUNG_ATTRS",
     "SAMPLERS",
     "check_resumable",
     "constraints",
@@ -38,6 +39,9 @@ __all__ = [
     "trial_row",
 ]
 
+
+# what a re-queued trial keeps of the one that was interrupted, beside its parameters: its rung
+RUNG_ATTRS = ("rung", "promoted_from")
 
 # Optuna >= 5 reads constraints set on the trial; older versions take a constraints_func.
 _TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
@@ -154,7 +158,8 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
         if t.state != TrialState.RUNNING:
             continue
         if t.number not in requeued and t.params and "record" in t.user_attrs:
-            study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
+            carried = {k: t.user_attrs[k] for k in RUNG_ATTRS if k in t.user_attrs}
+            study.enqueue_trial(dict(t.params), user_attrs={**carried, "requeued_from": t.number})
         storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")
         storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)

@@ -38,6 +38,7 @@ from ._report_sections import (
     members_section,
     picks_section,
     plots_section,
+    rungs_section,
 )
 
 __all__ = ["write_report"]
@@ -120,8 +121,13 @@ def _run_section(doc: Doc, facts: Facts) -> None:
             ),
             (
                 "search",
-                f"{config.get('sampler', '—')} sampler, {config.get('epochs', '—')} fine-tuning epochs per trial, "
-                f"seed {config.get('seed', '—')}, backend {config.get('backend', 'optuna')}",
+                f"{config.get('sampler', '—')} sampler, "
+                + (
+                    f"rungs of {config['rungs']} fine-tuning epochs (eta {config.get('eta')}), "
+                    if config.get("rungs")
+                    else f"{config.get('epochs', '—')} fine-tuning epochs per trial, "
+                )
+                + f"seed {config.get('seed', '—')}, backend {config.get('backend', 'optuna')}",
             ),
             ("trials", _trials_text(view)),
             ("validation", _VALIDATION.get(str(data.get("val_source", "train")), "—")),
@@ -248,6 +254,7 @@ def _build(view: RunView) -> tuple[Doc, str, str, str]:
     for section in (
         _run_section,
         _baseline_section,
+        rungs_section,
         picks_section,
         plots_section,
         members_section,

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from fga_search.core._plan import KEEP, load_plan
+from fga_search.runs._fidelity import rung_summary
 from fga_search.runs._pareto import knee_cost, slower_than_original
 from fga_search.runs._records import FrontRecord
 from fga_search.runs._runview import RunView
@@ -26,7 +27,7 @@ from ._report_doc import (
 )
 from ._report_plots import hypervolume_plot, scatter_plot
 
-__all__ = ["Facts", "layers_section", "members_section", "picks_section", "plots_section"]
+__all__ = ["Facts", "layers_section", "members_section", "picks_section", "plots_section", "rungs_section"]
 
 _COST_NAMES = {"flops_ratio": "FLOPs", "latency_ratio": "latency"}
 _LOWER = {"flops_ratio": "fewer FLOPs", "latency_ratio": "lower latency"}
@@ -255,3 +256,40 @@ def layers_section(doc: Doc, facts: Facts) -> None:
             "smallest rank, the fastest it can be) is slower than the dense layer on this target"
             + (": " + ", ".join(f"`{name}`" for name in pinned) + "." if pinned else ".")
         )
+
+
+def rungs_section(doc: Doc, facts: Facts) -> None:
+    """A multi-fidelity run (``--rungs``): each rung's trials and how its order agrees with the
+    rung below's."""
+    config = facts.view.config
+    if not config.get("rungs"):
+        return
+    epochs = [float(e) for e in str(config["rungs"]).split(",")]
+    summary = rung_summary([r.to_row() for r in facts.view.rows], epochs)
+    reached = max((s.rung for s in summary if s.ok), default=0)
+    doc.heading("Rungs of fidelity", "rungs")
+    table = pd.DataFrame(
+        {
+            "rung": [s.rung for s in summary],
+            "fine-tuning epochs": [f"{s.epochs:g}" + (" (proxy)" if s.epochs == 0 else "") for s in summary],
+            "trials": [s.trials for s in summary],
+            "trained": [s.ok for s in summary],
+            "device time": [f"{s.seconds:.0f} s" for s in summary],
+            "Kendall tau with the rung below": [
+                "—"
+                if s.rung == 0
+                else ("—" if s.tau is None else f"{s.tau:+.3f}")
+                + f" ({s.pairs} plan{'' if s.pairs == 1 else 's'})"
+                for s in summary
+            ],
+        }
+    )
+    doc.table(table, "rungs")
+    doc.text(
+        f"Every plan entered at rung 0; the best 1/{config.get('eta', 3)} of a rung's trials (feasible "
+        "first, non-dominated sorting of accuracy and cost, then crowding distance) moved up, "
+        f"promoted plans {'continuing from their weights' if config.get('promote') == 'continue' else 'rerun'}. "
+        f"The front, the knee and the best use rung {reached} only, the highest reached: scores of "
+        "different fine-tuning lengths are never compared. Kendall's tau compares the validation "
+        "accuracies, at both rungs, of the plans promoted into a rung."
+    )

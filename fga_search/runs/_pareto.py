@@ -35,6 +35,7 @@ __all__ = [
     "pareto_mask",
     "run_costs",
     "slower_than_original",
+    "top_fidelity",
 ]
 
 
@@ -133,11 +134,22 @@ def is_feasible(row: Row, costs: Sequence[str]) -> bool:
 R = TypeVar("R", bound=Row)
 
 
+def top_fidelity(rows: Sequence[R], *, costs: Sequence[str]) -> list[R]:
+    """The feasible trials at the run's top fidelity: with ``--rungs``, those of the highest rung a
+    feasible trial reached (scores of different fine-tuning lengths are never mixed), else all."""
+    ok = [r for r in rows if is_feasible(r, costs)]
+    rungs = [int(r["rung"]) for r in ok if r.get("rung") is not None]
+    if not rungs:
+        return ok
+    top = max(rungs)
+    return [r for r in ok if r.get("rung") == top]
+
+
 def front_rows(rows: Sequence[R], *, costs: Sequence[str]) -> list[R]:
     """The Pareto front: the non-dominated feasible trials, validation accuracy up and each of the
     run's costs down (``RunConfig.costs``, ``run_costs``), by FLOPs ratio. Of identical trials the
-    first is kept."""
-    ok = [r for r in rows if is_feasible(r, costs)]
+    first is kept. With ``--rungs``, from the highest rung reached only (``top_fidelity``)."""
+    ok = top_fidelity(rows, costs=costs)
     if not ok:
         return []
     mask = pareto_mask([r["val_acc"] for r in ok], *[[r[c] for r in ok] for c in costs])
@@ -147,8 +159,8 @@ def front_rows(rows: Sequence[R], *, costs: Sequence[str]) -> list[R]:
 def best_row(rows: Sequence[R], *, costs: Sequence[str]) -> R | None:
     """The best within the budget: the highest validation accuracy of the feasible trials, ties
     broken by the lower costs (in the objective's order), then by the earlier trial. It is on the
-    front."""
-    ok = [r for r in rows if is_feasible(r, costs)]
+    front (so, with ``--rungs``, at the highest rung reached)."""
+    ok = top_fidelity(rows, costs=costs)
     if not ok:
         return None
     return max(ok, key=lambda r: (r["val_acc"], *(-r[c] for c in costs), -r["trial"]))

@@ -69,7 +69,10 @@ class TrialRecord(Mapping[str, Any]):
     layers_decomposed: int | None = None
     plan: str | None = None  # JSON
     source: str | None = None  # sampler, requeued, or the rule that made the plan (warm start, strategy)
-    epochs: float | None = None
+    epochs: float | None = None  # fine-tuning epochs: the trial's fidelity (its rung's, with --rungs)
+    rung: int | None = None  # with --rungs: the rung (0: where every plan enters)
+    promoted_from: int | None = None  # with --rungs: the trial of the rung below that earned this one
+    continued: bool | None = None  # a promotion that went on from that trial's weights (--promote continue)
     finetune_steps: int | None = None
     seed: int | None = None
     device: str | None = None

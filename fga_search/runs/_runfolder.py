@@ -28,6 +28,8 @@ IDENTITY_KEYS = (
     "space",
     "strategy",
     "epochs",
+    "rungs",  # absent (None) from a single-fidelity run's identity, as from runs made before it
+    "eta",
     "seed",
     "val_fraction",
     "train_limit",

@@ -7,8 +7,9 @@ batch, the teacher's cached logits and the model's FLOPs profile.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,8 +160,22 @@ class TrialRunner:
         """The plan's model, SVD-initialised and refined on the calibration batch."""
         return build_refined(self.model, plan, self.calibration, mode=self.settings.refine_mode, seed=seed)
 
-    def run(self, plan: Plan, *, seed: int, on_phase: Callable[[str], None] | None = None) -> TrialOutcome:
-        """Run the trial's phases; exceptions (a NaN loss, out of memory) propagate to the caller."""
+    def run(
+        self,
+        plan: Plan,
+        *,
+        seed: int,
+        epochs: float | None = None,
+        init_state: Mapping[str, torch.Tensor] | None = None,
+        measure_latency: bool = True,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> TrialOutcome:
+        """Run the trial's phases; exceptions (a NaN loss, out of memory) propagate to the caller.
+
+        ``epochs``: fine-tuning epochs (default: the settings'). ``init_state``: the weights to go
+        on from (a promoted rung's trial: the plan's model as the rung below left it, BN statistics
+        included), fine-tuned with a schedule of its own (warm-up, then decay to zero).
+        ``measure_latency=False`` skips the latency target (a plan measured at the rung below)."""
         seconds: dict[str, float] = {}
         start = t = time.perf_counter()
 
@@ -180,7 +195,7 @@ class TrialRunner:
         lap("decompose")
         latency_ms = ratio = None
         s = self.settings
-        if s.latency_target is not None:
+        if s.latency_target is not None and measure_latency:
             assert s.latency_base_ms is not None
             if all(choice == KEEP for choice in plan.values()):
                 # the original itself (e.g. every layer kept dense on a GPU target): its ratio is
@@ -203,17 +218,25 @@ class TrialRunner:
             lap("latency")
             if s.max_latency_ratio is not None and ratio > s.max_latency_ratio:
                 raise OverBudget(latency_ms, ratio)
-        recalibrate_bn(student, self.train, images=self.settings.recalibration, seed=seed, amp_dtype=self.amp)
+        if init_state is None:
+            recalibrate_bn(
+                student, self.train, images=self.settings.recalibration, seed=seed, amp_dtype=self.amp
+            )
+        else:
+            student.load_state_dict(init_state)
         lap("recalibrate")
         proxy = self.evaluate(student)
         lap("proxy")
         steps = 0
         val = proxy
-        if self.settings.finetune.epochs > 0:
+        config = self.settings.finetune
+        if epochs is not None:
+            config = dataclasses.replace(config, epochs=epochs)
+        if config.epochs > 0:
             stats = finetune(
                 student,
                 self.train,
-                config=self.settings.finetune,
+                config=config,
                 teacher=self.teacher,
                 allow_flip=self.data.flip,
                 crop_pad=self.data.crop_pad,
