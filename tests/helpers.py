@@ -11,21 +11,25 @@ from pathlib import Path
 from fga_search.runs._records import read_table
 
 
-def cli_env(home: Path) -> dict[str, str]:
+def cli_env(home: Path, *, session_cache: bool = False) -> dict[str, str]:
+    """A subprocess's environment with its own HOME. Its cache is the HOME's (a first use: the
+    quickstart model is trained there), or with ``session_cache`` the test session's own cache
+    (conftest's; the quickstart model trained once for the session), for tests about other things."""
     env = dict(os.environ)
     env["HOME"] = str(home)
-    env.pop("XDG_CACHE_HOME", None)
+    if not session_cache:
+        env.pop("XDG_CACHE_HOME", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 def run_cli(
-    args: list[str], *, home: Path, cwd: Path | None = None, timeout: float = 600
+    args: list[str], *, home: Path, cwd: Path | None = None, timeout: float = 600, session_cache: bool = False
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fga_search._cli", *args],
         cwd=cwd or home,
-        env=cli_env(home),
+        env=cli_env(home, session_cache=session_cache),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -4,7 +4,6 @@ from the top rung only, resume after a SIGKILL mid-rung, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -165,10 +164,7 @@ def test_a_sigkill_mid_rung_loses_and_repeats_no_rung_result(tmp_path: Path) -> 
     run = tmp_path / "run"
     args = ["--budget", "0.25", "--trials", "6", "--rungs", "0,1,6", "--eta", "2", "--seed", "3"]
     cmd = [sys.executable, "-m", "fga_search._cli", *args, "--out", str(run), "--front-latency-runs", "0"]
-    env = {
-        **cli_env(tmp_path),
-        "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"],
-    }  # the session's quickstart model
+    env = cli_env(tmp_path, session_cache=True)  # the session's quickstart model
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

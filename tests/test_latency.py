@@ -329,6 +329,7 @@ def test_unreachable_latency_budget_is_refused_before_any_trial(tmp_path: Path, 
             str(tmp_path / "run"),
         ],
         home=tmp_path,
+        session_cache=True,
     )
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

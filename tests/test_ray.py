@@ -45,7 +45,7 @@ class Cluster:
         self.home.mkdir()
         token = secrets.token_hex(32)  # the cluster's authentication token, known to this test only
         self.env = {
-            **cli_env(self.home),
+            **cli_env(self.home, session_cache=True),
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": token,
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -342,7 +342,7 @@ def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Pat
     """`--backend ray` starts its own instance: same first proposals as the Optuna backend (the
     session's shared run, 8 trials of 1 epoch at budget 0.2), comparable fronts, and no server on
     a non-loopback address."""
-    env = {**cli_env(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**cli_env(tmp_path, session_cache=True), "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--budget", "0.2", "--trials", "8", "--epochs", "1", "--quiet"]
     optuna_run, ray_run = run_dir, tmp_path / "ray"
     proc = subprocess.Popen(

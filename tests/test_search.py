@@ -33,7 +33,12 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fga_search._cli", *ARGS, "--out", str(run)]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=tmp_path,
+        env=cli_env(tmp_path, session_cache=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 300
     try:
@@ -51,7 +56,12 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(tmp_path: Path) -> None:
     assert len(before) >= 3 and len(running) == 1
 
     result = subprocess.run(
-        cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600
+        cmd,
+        cwd=tmp_path,
+        env=cli_env(tmp_path, session_cache=True),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert f"trial(s) {running} were interrupted and are re-queued" in result.stderr
