@@ -227,12 +227,12 @@ class SearchDriver(RungsMixin):
         run (infeasible, or a duplicate of a finished trial) are told here, and the loop goes on."""
         setup = self.setup
         while self.wants_more():
-            promoting = self.rungs is not None and self.maybe_enqueue_promotion()
-            if not promoting:
-                if self.rungs is not None and self.entered() >= self.total and not self.promotion_waiting():
+            trial = self.ask_promotion() if self.rungs is not None else None
+            if trial is None:
+                if self.rungs is not None and self.entered() >= self.total:
                     return None  # no plan left to enter, no promotion due: wait for those running
                 maybe_enqueue_mutation(setup, self.study, self.rows, self.rng)
-            trial = self.study.ask()
+                trial = self.study.ask()
             if self.rungs is not None and trial.user_attrs.get("rung"):
                 pending = PendingTrial(trial, *self.promotion_job(trial))
                 self.running[pending.number] = pending

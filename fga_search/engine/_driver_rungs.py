@@ -22,6 +22,7 @@ from fga_search.runs._pareto import is_finished
 
 from ._policy import alloc_attrs
 from ._rungs import Fidelity, Rungs, next_promotion, promotion_order, rung_of, rung_scores
+from ._study import ask_waiting
 
 if TYPE_CHECKING:
     from fga_search.runs._runfolder import RunFolder
@@ -76,21 +77,22 @@ class RungsMixin:
                 promoted[int(p.record["rung"]) - 1].add(int(p.record["promoted_from"]))
         return next_promotion(by_rung, eta=self.rungs.eta, promoted=promoted)
 
-    def maybe_enqueue_promotion(self) -> bool:
-        """Queue the next promotion, when one is due and no other trial waits (the study hands
-        out waiting trials first come, first served). True if one was queued."""
-        if self.waiting():
-            return False
-        move = self.promotion()
-        if move is None:
-            return False
-        number, rung = move
-        source = self.study.get_trials(deepcopy=False)[number]
-        attrs: dict[str, Any] = alloc_attrs(source.user_attrs)  # a parent of mutations stays one
-        attrs.update(rung=rung, promoted_from=number, source=f"promoted from trial {number}")
-        self.study.enqueue_trial(dict(source.params), user_attrs=attrs)
-        self.rows = self.save()
-        return True
+    def ask_promotion(self) -> optuna.trial.Trial | None:
+        """A promotion's trial, handed out ahead of any other queued trial: one queued already
+        (re-queued after an interruption), else the next one due (queued, then asked). None when
+        no plan has earned one."""
+        waiting = [t for t in self.waiting() if rung_of(t.user_attrs) > 0]
+        if not waiting:
+            move = self.promotion()
+            if move is None:
+                return None
+            number, rung = move
+            source = self.study.get_trials(deepcopy=False)[number]
+            attrs: dict[str, Any] = alloc_attrs(source.user_attrs)  # a parent of mutations stays one
+            attrs.update(rung=rung, promoted_from=number, source=f"promoted from trial {number}")
+            self.study.enqueue_trial(dict(source.params), user_attrs=attrs)
+            waiting = [t for t in self.waiting() if rung_of(t.user_attrs) > 0]
+        return ask_waiting(self.study, waiting[0])
 
     def rung_weights(self, number: int) -> str:
         """Where a rung's trial keeps its weights for a promotion that continues from them."""

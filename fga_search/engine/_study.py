@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RUNG_ATTRS",
     "SAMPLERS",
+    "ask_waiting",
     "check_resumable",
     "constraints",
     "count_finished",
@@ -165,6 +166,20 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
         storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         recovered.append(t.number)
     return recovered
+
+
+def ask_waiting(study: optuna.Study, trial: FrozenTrial) -> optuna.trial.Trial | None:
+    """Hand out this waiting trial now, ahead of those queued before it (``Study.ask`` takes the
+    oldest): a promotion of a multi-fidelity search. None if another worker took it first.
+    Private API, as ``Study.ask`` itself does it (``_pop_waiting_trial_id``): Optuna has no public
+    way to ask for one queued trial; ``Trial()`` runs the sampler's ``before_trial``."""
+    try:
+        if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    study._thread_local.cached_all_trials = None
+    return optuna.trial.Trial(study, trial._trial_id)
 
 
 def _num(value: Any) -> Any:
