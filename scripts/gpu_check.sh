@@ -8,6 +8,9 @@
 #                                    # the speed checks (issue 6), at most 5 minutes
 #   scripts/gpu_check.sh --with-quality [OUT_DIR]   # the same, then the quality checks (issue 7),
 #                                    # at most 10 minutes in all: one call for a 15-minute session
+#   scripts/gpu_check.sh --fidelity [OUT_DIR]   # multi-fidelity against single-fidelity search
+#                                    # (issue 29): bench_fidelity --mode gpu, 1-epoch top rungs,
+#                                    # 3 seeds, 80 s of search a run; at most 9 minutes
 #   scripts/gpu_check.sh --dry-run [OUT_DIR]   # here, on the CPU: every step above at toy sizes
 #                                    # (the running Python's optuna, ../shared or FGA_SHARED_DIR),
 #                                    # so that the one GPU call does not fail on a code path; its
@@ -46,7 +49,11 @@ fi
 QUALITY=0
 DRY=0
 SKIP_COMPILE=0
-if [ "${1:-}" = "--with-quality" ]; then
+FIDELITY=0
+if [ "${1:-}" = "--fidelity" ]; then
+    FIDELITY=1
+    shift
+elif [ "${1:-}" = "--with-quality" ]; then
     QUALITY=1
     SKIP_COMPILE=1
     shift
@@ -88,6 +95,21 @@ SUBSET=()
 [ "$DRY" = 1 ] && SUBSET=(--wildcards 'train/*/00[0-4]?.jpg' 'test/*/00[01]?.jpg')
 mkdir -p "$WORK/cifar10" && tar xzf "$FGA_SHARED_DIR/data/cifar10-jpeg.tar.gz" -C "$WORK/cifar10" ${SUBSET[@]+"${SUBSET[@]}"} || exit 1
 "$PY" -c "import torch, optuna; print('torch', torch.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [ "$FIDELITY" = 1 ]; then  # its own call: the GPU call's 600 s, less the set-up
+    timeout 540 "$PY" scripts/bench_fidelity.py --mode gpu --data-dir "$WORK/cifar10" --device "$DEV" \
+        --out "$WORK/fga-fidelity" --seeds 0,1,2 --timeout 80 --modes single,continue --threads 16 2>&1 \
+        | tee "$OUT/fidelity.txt"
+    fidelity_rc=${PIPESTATUS[0]}
+    echo "gpu_check done (bench_fidelity exit $fidelity_rc)"
+    exit "$fidelity_rc"
+fi
+# the multi-fidelity part's code path, at toy sizes (the GPU runs it alone: --fidelity)
+if [ "$DRY" = 1 ]; then
+    "$PY" scripts/bench_fidelity.py --mode gpu --data-dir "$WORK/cifar10" --device cpu --out "$WORK/fga-fidelity" \
+        --seeds 0 --timeout 3 --modes single,continue --rungs 0,0.1,0.2 --limit 64 --threads 2 2>&1 | tee "$OUT/fidelity.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: bench_fidelity failed"; exit 1; }
+fi
 
 # time limits: the GPU call's; a dry run checks code paths at toy sizes on a CPU, whose speed here
 # varies 3-5x over a day (its speed part took 373 s on 2026-12-02, mostly timing the latency table

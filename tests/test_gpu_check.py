@@ -57,7 +57,13 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_check done (bench_speed exit 0, bench_quality exit 0)" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "quality.txt", "results.md", "speed.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fidelity.txt", "gpu.txt", "quality.txt", "results.md", "speed.txt"
+    ]  # fmt: skip
+    fidelity = (out / "fidelity.txt").read_text()  # the multi-fidelity part's code path (--fidelity)
+    assert re.search(r"^\| single \| 0 \| \d+\.\d+ % \|", fidelity, re.M), fidelity
+    assert re.search(r"^\| continue \| 0 \| \d+\.\d+ % \|", fidelity, re.M), fidelity
+    assert "continue vs single, best val within budget:" in fidelity
     gpu = (out / "gpu.txt").read_text()
     assert "dry run on the CPU" in gpu
     assert re.search(
