@@ -141,15 +141,21 @@ def done(path: Path) -> list[dict]:
 
 
 def test_trials_run_on_both_nodes_with_one_logical_gpu_each(cluster: Cluster) -> None:
+    """Half a logical GPU a trial, on two nodes; the trials are rungs of fidelity (--rungs):
+    promotions run on Ray as any trial does."""
     run = cluster.root / "two-nodes"
-    out, err = wait(
-        cluster.cli(["--gpus-per-trial", "0.5", "--trials", "4", "--epochs", "10", "--out", str(run)])
-    )
+    args = ["--gpus-per-trial", "0.5", "--trials", "4", "--rungs", "0,2,10", "--eta", "2"]
+    out, err = wait(cluster.cli([*args, "--out", str(run)]))
     table = pq.read_table(run / "trials.parquet")
     assert table.schema.equals(TRIAL_SCHEMA)  # the Optuna backend's schema
     trials = table.to_pylist()
-    assert len(trials) == 4 and sorted(r["trial"] for r in trials) == list(range(4))
+    assert sorted(r["trial"] for r in trials) == list(range(len(trials)))
     assert all(r["state"] == "COMPLETE" and r["backend"] == "ray" for r in trials)
+    assert [r["rung"] for r in trials].count(0) == 4  # 4 plans, and the promotions they earned
+    assert max(r["rung"] for r in trials) == 2 and all(r["epochs"] == (0, 2, 10)[r["rung"]] for r in trials)
+    for r in trials:
+        if r["rung"]:
+            assert next(s for s in trials if s["trial"] == r["promoted_from"])["rung"] == r["rung"] - 1
     assert {r["node_ip"] for r in trials} == {HEAD_IP, WORKER_IP}
     assert len({r["node_id"] for r in trials}) == 2
     for r in trials:
@@ -157,7 +163,7 @@ def test_trials_run_on_both_nodes_with_one_logical_gpu_each(cluster: Cluster) ->
         assert len(gpu_ids) == 1 and gpu_ids[0] in ("0",)  # each node has one logical GPU, id 0
         assert r["device"] == "cpu"  # logical GPUs: the trials compute on the CPU
     front = rows(run / "pareto.parquet")
-    assert front and all(r["flops_ratio"] <= 0.2 for r in front)
+    assert front and all(r["flops_ratio"] <= 0.2 and r["rung"] == 2 for r in front)  # the top rung's
     assert all((run / "models" / f"trial_{r['trial']:05d}.pt").is_file() for r in front)
     assert "best model: trial" in out
 
