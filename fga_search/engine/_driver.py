@@ -186,15 +186,22 @@ class SearchDriver(RungsMixin):
         recovered = recover_interrupted(self.study)
         trials = self.study.get_trials(deepcopy=False)
         self.finished = count_finished(trials)
-        self.progress = Progress(total=c.trials, done=self.finished, quiet=c.quiet)
+        self.rungs = c.rung_schedule()
+        # with --rungs, --trials counts plans: the trials of rung 0 (promotions carry their rung)
+        plans = [t for t in trials if not rung_of(t.user_attrs)]
+        done = self.finished if self.rungs is None else count_finished(plans)
+        self.progress = Progress(total=c.trials, done=done, quiet=c.quiet)
         if recovered:
             self.progress.note(f"resuming: trial(s) {recovered} were interrupted and are re-queued")
         if self.finished:
-            self.progress.note(f"resuming {self.folder.path}: {self.finished}/{c.trials} trials finished")
+            what = (
+                "trials finished" if self.rungs is None else f"plans finished ({self.finished} trials in all)"
+            )
+            self.progress.note(f"resuming {self.folder.path}: {done}/{c.trials} {what}")
         self.total = c.trials
         if c.strategy in ("uniform", "error-alloc"):
-            waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-            self.total = min(c.trials, self.finished + waiting)
+            waiting = sum(1 for t in plans if t.state == TrialState.WAITING)
+            self.total = min(c.trials, done + waiting)
             if self.total < c.trials:
                 self.progress.note(
                     f"strategy {c.strategy} has {self.total} distinct plans: running {self.total} trials, "
@@ -202,7 +209,6 @@ class SearchDriver(RungsMixin):
                 )
         self.deadline = time.monotonic() + c.timeout if c.timeout else None
         self.rng = mutation_rng(c, self.finished)
-        self.rungs = c.rung_schedule()
         self.rows = self.save()
         self.known = {
             (r["plan"], rung_of(r)): r
