@@ -143,6 +143,15 @@ def test_two_workers_promote_asynchronously(tmp_path: Path) -> None:
     assert "## Rungs of fidelity" in report and "| 2 | 0.5 | 1 | 1 |" in report
     assert "use rung 2 only" in report
 
+    # without its kept weights, the export rebuilds the continued trial as it was trained: its
+    # source's 0.2 epochs from the decomposed model, then 0.3 more from there
+    from fga_search.exporter._export import export
+
+    (Path(folder.path) / "models" / f"trial_{top['trial']:05d}.pt").unlink()
+    exported = export(folder.path, pick="best", out=str(tmp_path / "exported"), latency_runs=0, quiet=True)
+    assert exported.spec["source"]["trial"] == top["trial"] and exported.spec["source"]["weights"] == "re-run"
+    assert exported.val_acc == top["val_acc"]
+
 
 def _running_at_rung(db: Path, rung: int) -> list[int]:
     """The trials running now at this rung (a promotion's)."""

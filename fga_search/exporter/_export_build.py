@@ -20,8 +20,10 @@ from fga_search.runs._runview import RunView
 from ._export_select import ExportOptions, Picked
 
 if TYPE_CHECKING:
+    from fga_search.core._plan import Plan
     from fga_search.engine._setup import SearchSetup
     from fga_search.models._loader import DeviceSplit
+    from fga_search.runs._records import TrialRecord
     from fga_search.train._trial import TrialRunner
 
 __all__ = ["Trained", "rebuild", "trained_model"]
@@ -53,8 +55,24 @@ def rebuild(
             file=sys.stderr,
             flush=True,
         )
-    outcome = runner.run(picked.plan, seed=picked.seed)
-    return outcome.model.eval(), True
+    return _rerun(view, runner, picked.plan, picked.seed, picked.source).eval(), True
+
+
+def _rerun(view: RunView, runner: TrialRunner, plan: Plan, seed: int, row: TrialRecord) -> nn.Module:
+    """A trial's model again, as its trial trained it: for its recorded epochs (a rung's, with
+    --rungs), and a promotion that continued goes on from its source trial's model, rebuilt first."""
+    if row.continued and row.promoted_from is not None and row.epochs is not None:
+        source = next(r for r in view.rows if r.trial == row.promoted_from)
+        start = _rerun(view, runner, plan, seed, source)
+        return runner.run(
+            plan,
+            seed=seed,
+            epochs=float(row.epochs) - float(source.epochs or 0.0),
+            init_state=start.state_dict(),
+            measure_latency=False,
+        ).model
+    epochs = None if row.epochs is None else float(row.epochs)
+    return runner.run(plan, seed=seed, epochs=epochs, measure_latency=row.rung is None or row.rung == 0).model
 
 
 def _full_training_split(setup: SearchSetup, runner: TrialRunner) -> DeviceSplit:
