@@ -6,7 +6,8 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from fga_search.runs._pareto import hypervolume, is_feasible, is_finished
+from fga_search.runs._pareto import hypervolume, is_finished, top_fidelity
+from fga_search.runs._records import TrialRecord
 from fga_search.runs._runview import RunView
 
 from ._report_doc import ReportFigure, missing
@@ -163,20 +164,21 @@ def scatter_plot(
 
 
 def hypervolume_series(view: RunView) -> tuple[list[int], list[float]]:
+    """The front's hypervolume (accuracy, FLOPs) after each finished trial; with --rungs, of the
+    highest rung reached so far (fidelities are never mixed)."""
     counts, values = [], []
-    acc: list[float] = []
-    cost: list[float] = []
-    n = 0
+    done: list[TrialRecord] = []
     for row in view.rows:
         if not is_finished(row):
             continue
-        n += 1
-        if is_feasible(row, ["flops_ratio"]):
-            assert row.val_acc is not None and row.flops_ratio is not None  # feasible: both known
-            acc.append(float(row.val_acc))
-            cost.append(float(row.flops_ratio))
-        counts.append(n)
-        values.append(hypervolume(acc, cost, ref=(0.0, 1.0)))
+        done.append(row)
+        top = top_fidelity(done, costs=["flops_ratio"])
+        counts.append(len(done))
+        values.append(
+            hypervolume(
+                [float(r.val_acc or 0) for r in top], [float(r.flops_ratio or 1) for r in top], ref=(0.0, 1.0)
+            )
+        )
     return counts, values
 
 
