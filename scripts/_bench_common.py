@@ -28,3 +28,19 @@ def checkpoint(name: str) -> str:
     if not path.is_file():
         raise SystemExit(f"missing shared checkpoint {path}")
     return os.fspath(path)
+
+
+def trial_sizes(*, gpu: bool, limit: int | None = None) -> dict[str, object]:
+    """RunConfig's trial settings of the quality benchmarks (docs/method.md, the benchmarks'
+    recipe): on a CPU 10,000 training, 2,000 validation and 2,000 test images, batch 128, 128
+    calibration and 512 recalibration images; on a GPU the full splits, batch 512, peak learning
+    rate 0.05, 256 and 1,024 images. ``limit`` caps every split (a dry run)."""
+    return {
+        "batch_size": 512 if gpu else 128,
+        "lr": 0.05 if gpu else 0.02,
+        "calibration": 256 if gpu else 128,
+        "recalibration": 1024 if gpu else 512,
+        "train_limit": limit or (None if gpu else 10_000),
+        "val_limit": limit or (None if gpu else 2000),
+        "test_limit": limit or (None if gpu else 2000),
+    }

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from _bench_common import checkpoint, cifar_dir
+from _bench_common import checkpoint, cifar_dir, trial_sizes
 from fga_search.engine._config import RunConfig
 from fga_search.engine._search import run_search
 from fga_search.runs._pareto import front_rows, hypervolume
@@ -75,13 +75,7 @@ def run_one(args: argparse.Namespace, mode: str, seed: int) -> Run:
         timeout=args.timeout,
         seed=seed,
         device=args.device,
-        batch_size=512 if gpu else 128,
-        lr=0.05 if gpu else 0.02,
-        calibration=256 if gpu else 128,
-        recalibration=1024 if gpu else 512,
-        train_limit=args.limit or (None if gpu else 10_000),
-        val_limit=args.limit or (None if gpu else 2000),
-        test_limit=args.limit or (None if gpu else 2000),
+        **trial_sizes(gpu=gpu, limit=args.limit),  # type: ignore[arg-type]
         front_latency_runs=0,
         quiet=True,
         **fidelity,  # type: ignore[arg-type]

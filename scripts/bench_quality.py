@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from _bench_common import checkpoint, cifar_dir
+from _bench_common import checkpoint, cifar_dir, trial_sizes
 from fga_search.engine._config import RunConfig
 from fga_search.engine._search import run_search
 from fga_search.runs._pareto import hypervolume
@@ -91,13 +91,7 @@ def run_case(
         seed=seed,
         data_seed=data_seed,
         device=args.device,
-        batch_size=512 if gpu else 128,
-        lr=0.05 if gpu else 0.02,
-        calibration=256 if gpu else 128,
-        recalibration=1024 if gpu else 512,
-        val_limit=args.limit or (None if gpu else 2000),
-        test_limit=args.limit or (None if gpu else 2000),
-        train_limit=args.limit or (None if gpu else 10_000),
+        **trial_sizes(gpu=gpu, limit=args.limit),  # type: ignore[arg-type]
         # The benchmark prints no latency: skip timing each front member on this CPU after the
         # search (a report for users, 17-38 s a ResNet-56 run on these machines, growing with the
         # front's size rather than with what the strategy costs).
