@@ -51,11 +51,11 @@ from ._policy import (
 from ._rungs import Fidelity, rung_of
 from ._setup import SearchSetup
 from ._study import (
-    RUNG_ATTRS,
     count_finished,
     make_sampler,
     open_study,
     recover_interrupted,
+    requeue,
     run_study_name,
     set_budget_constraint,
     trial_row,
@@ -295,8 +295,7 @@ class SearchDriver(RungsMixin):
         """A trial stopped before its end: failed as interrupted, its plan queued again (with its seed)."""
         self.running.pop(pending.number, None)
         trial = pending.trial
-        carried = {k: trial.user_attrs[k] for k in RUNG_ATTRS if k in trial.user_attrs}
-        self.study.enqueue_trial(dict(trial.params), user_attrs={**carried, "requeued_from": trial.number})
+        requeue(self.study, trial)
         trial.set_user_attr("record", {**pending.record, "fail_reason": reason})
         trial.set_user_attr("status", "interrupted")
         self.study.tell(trial, state=TrialState.FAIL)

@@ -35,6 +35,7 @@ __all__ = [
     "new_study_name",
     "open_study",
     "recover_interrupted",
+    "requeue",
     "run_study_name",
     "set_budget_constraint",
     "trial_row",
@@ -43,6 +44,13 @@ __all__ = [
 
 # what a re-queued trial keeps of the one that was interrupted, beside its parameters: its rung
 RUNG_ATTRS = ("rung", "promoted_from")
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial | optuna.trial.Trial) -> None:
+    """Queue an interrupted trial's parameters again, with its rung and ``requeued_from``."""
+    carried = {k: trial.user_attrs[k] for k in RUNG_ATTRS if k in trial.user_attrs}
+    study.enqueue_trial(dict(trial.params), user_attrs={**carried, "requeued_from": trial.number})
+
 
 # Optuna >= 5 reads constraints set on the trial; older versions take a constraints_func.
 _TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
@@ -159,8 +167,7 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
         if t.state != TrialState.RUNNING:
             continue
         if t.number not in requeued and t.params and "record" in t.user_attrs:
-            carried = {k: t.user_attrs[k] for k in RUNG_ATTRS if k in t.user_attrs}
-            study.enqueue_trial(dict(t.params), user_attrs={**carried, "requeued_from": t.number})
+            requeue(study, t)
         storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process stopped mid-trial")
         storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
