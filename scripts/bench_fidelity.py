@@ -119,8 +119,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-fidelity")
     parser.add_argument("--limit", type=int, help="cap every split at this many images (a quick dry run)")
     args = parser.parse_args()
-    if set(args.modes) - set(MODES) or "single" not in args.modes:
-        parser.error(f"--modes takes single and any of continue, rerun; got {','.join(args.modes)}")
+    if not args.modes or set(args.modes) - set(MODES):  # the leads need single's runs (or split runs)
+        parser.error(f"--modes takes any of single, continue, rerun; got {','.join(args.modes)}")
     torch.set_num_threads(args.threads)
     runs: list[Run] = []
     for seed in args.seeds:
