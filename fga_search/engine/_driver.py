@@ -226,7 +226,7 @@ class SearchDriver(RungsMixin):
             return False
         if self.rungs is None:
             return self.finished + len(self.running) < self.total
-        return self.entered() < self.total or self.promotion_waiting() or self.promotion() is not None
+        return self.entered() < self.total or bool(self.waiting_promotions()) or self.promotion() is not None
 
     def next_trial(self) -> PendingTrial | None:
         """The next trial to run, or None when no more are to be handed out. Plans that need no

@@ -65,8 +65,10 @@ class RungsMixin:
         are rewritten only when a trial ends)."""
         return self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
-    def promotion_waiting(self) -> bool:
-        return any(rung_of(t.user_attrs) > 0 for t in self.waiting())
+    def waiting_promotions(self) -> list[optuna.trial.FrozenTrial]:
+        """The promotions queued and not yet handed out (re-queued after an interruption, or
+        queued by ``ask_promotion`` just before it asks for them)."""
+        return [t for t in self.waiting() if rung_of(t.user_attrs) > 0]
 
     def promotion(self) -> tuple[int, int] | None:
         """ASHA's next promotion (``_rungs.next_promotion``): (trial, rung it enters), or None."""
@@ -81,7 +83,7 @@ class RungsMixin:
         """A promotion's trial, handed out ahead of any other queued trial: one queued already
         (re-queued after an interruption), else the next one due (queued, then asked). None when
         no plan has earned one."""
-        waiting = [t for t in self.waiting() if rung_of(t.user_attrs) > 0]
+        waiting = self.waiting_promotions()
         if not waiting:
             move = self.promotion()
             if move is None:
@@ -91,7 +93,7 @@ class RungsMixin:
             attrs: dict[str, Any] = alloc_attrs(source.user_attrs)  # a parent of mutations stays one
             attrs.update(rung=rung, promoted_from=number, source=f"promoted from trial {number}")
             self.study.enqueue_trial(dict(source.params), user_attrs=attrs)
-            waiting = [t for t in self.waiting() if rung_of(t.user_attrs) > 0]
+            waiting = self.waiting_promotions()
         return ask_waiting(self.study, waiting[0])
 
     def rung_weights(self, number: int) -> str:

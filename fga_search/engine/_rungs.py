@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fga_search.runs._fidelity import rung_of
 from fga_search.runs._pareto import is_feasible, knee_cost, pareto_mask
 
 __all__ = [
@@ -147,11 +148,6 @@ class Fidelity:
     start: float = 0.0
     init: str | None = None
     measure_latency: bool = True
-
-
-def rung_of(row: Mapping[str, Any]) -> int:
-    """A trial's rung (0 for a single-fidelity trial)."""
-    return int(row.get("rung") or 0)
 
 
 def rung_scores(

@@ -73,10 +73,11 @@ def _trials_text(view: RunView) -> str:
     interrupted = sum(r.status == "interrupted" for r in rows)
     running = sum(r.state in ("RUNNING", "WAITING") for r in rows)
     asked = view.config.get("trials", "?")
-    text = f"{len(view.finished)} finished of {asked} asked: {len(usable)} trained"
     if view.config.get("rungs"):  # --trials counts plans; promotions come on top
         plans = sum(1 for r in view.finished if not r.rung)
         text = f"{len(view.finished)} finished, {plans} plans of {asked} asked and their promotions: {len(usable)} trained"
+    else:
+        text = f"{len(view.finished)} finished of {asked} asked: {len(usable)} trained"
     if duplicates:
         text += f" ({duplicates} of them repeated an earlier plan and reused its result)"
     text += f", {infeasible} infeasible, {failed} failed"

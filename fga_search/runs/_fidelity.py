@@ -7,7 +7,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RungSummary", "rung_summary"]
+__all__ = ["RungSummary", "rung_of", "rung_summary"]
+
+
+def rung_of(row: Mapping[str, Any]) -> int:
+    """A trial's rung (0 for a single-fidelity trial)."""
+    return int(row.get("rung") or 0)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ def rung_summary(rows: Sequence[Mapping[str, Any]], epochs: Sequence[float]) -> 
     acc = {int(r["trial"]): r.get("val_acc") for r in ended if r.get("status") == "ok"}
     out = []
     for k, e in enumerate(epochs):
-        here = [r for r in ended if int(r.get("rung") or 0) == k]
+        here = [r for r in ended if rung_of(r) == k]
         pairs: list[tuple[float, float]] = []
         for r in here:
             below = acc.get(int(r["promoted_from"])) if r.get("promoted_from") is not None else None
