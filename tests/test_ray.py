@@ -369,7 +369,7 @@ def test_local_backend_matches_optuna_and_listens_on_loopback_only(tmp_path: Pat
     a = {r["trial"]: r for r in rows(optuna_run / "trials.parquet")}
     b = {r["trial"]: r for r in rows(ray_run / "trials.parquet")}
     assert len(a) == len(b) == 8
-    for number in range(4):  # warm start, then seeded mutations: the same plans
+    for number in range(4):  # the warm start (half of 8 trials): the same plans
         assert a[number]["plan"] == b[number]["plan"] and a[number]["seed"] == b[number]["seed"]
         assert abs(a[number]["val_acc"] - b[number]["val_acc"]) <= 0.03
     from fga_search.runs._pareto import hypervolume

@@ -76,8 +76,8 @@ def initial_plans(setup: SearchSetup) -> list[tuple[str, Plan]]:
     c = setup.config
     if c.strategy == "random" or (c.strategy == "search" and not c.warm_start):
         return []
-    # the search keeps three quarters of its trials for its own proposals
-    count = c.trials if c.strategy != "search" else max(2, c.trials // 4)
+    # the search keeps half of its trials for its own proposals
+    count = c.trials if c.strategy != "search" else max(2, c.trials // 2)
     return strategy_plans(
         c.strategy,
         space=setup.space,
