@@ -98,7 +98,7 @@ mkdir -p "$WORK/cifar10" && tar xzf "$FGA_SHARED_DIR/data/cifar10-jpeg.tar.gz" -
 
 if [ "$FIDELITY" = 1 ]; then  # its own call: the GPU call's 600 s, less the set-up
     timeout 540 "$PY" scripts/bench_fidelity.py --mode gpu --data-dir "$WORK/cifar10" --device "$DEV" \
-        --out "$WORK/fga-fidelity" --seeds 0,1,2 --timeout 80 --modes single,continue --threads 16 2>&1 \
+        --out "$WORK/fga-fidelity" --seeds 0,1,2 --timeout 80 --modes single,rerun --threads 16 2>&1 \
         | tee "$OUT/fidelity.txt"
     fidelity_rc=${PIPESTATUS[0]}
     echo "gpu_check done (bench_fidelity exit $fidelity_rc)"
@@ -107,7 +107,7 @@ fi
 # the multi-fidelity part's code path, at toy sizes (the GPU runs it alone: --fidelity)
 if [ "$DRY" = 1 ]; then
     "$PY" scripts/bench_fidelity.py --mode gpu --data-dir "$WORK/cifar10" --device cpu --out "$WORK/fga-fidelity" \
-        --seeds 0 --timeout 3 --modes single,continue --rungs 0,0.1,0.2 --limit 64 --threads 2 2>&1 | tee "$OUT/fidelity.txt"
+        --seeds 0 --timeout 3 --modes single,rerun --rungs 0,0.1,0.2 --limit 64 --threads 2 2>&1 | tee "$OUT/fidelity.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: bench_fidelity failed"; exit 1; }
 fi
 

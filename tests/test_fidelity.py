@@ -58,6 +58,7 @@ def test_the_front_and_the_best_use_the_top_rung_only() -> None:
         ),
         (["--rungs", "0,0.1", "--eta", "1"], "--eta must be an integer >= 2, got 1"),
         (["--eta", "2"], "--eta and --promote need --rungs"),
+        (["--promote", "continue"], "--eta and --promote need --rungs"),
         (["--rungs", "0.5"], "--rungs must name at least two fidelities, got '0.5'"),
         (["--rungs", "0,x"], "--rungs must be comma-separated epochs, got '0,x'"),
     ],
@@ -88,6 +89,7 @@ def test_two_workers_promote_asynchronously(tmp_path: Path) -> None:
         out=str(tmp_path / "run"),
         rungs="0,0.2,0.5",
         eta=2,
+        promote="continue",
         trials=4,
         seed=1,
         quiet=True,
@@ -172,6 +174,7 @@ def _running_at_rung(db: Path, rung: int) -> list[int]:
 def test_a_sigkill_mid_rung_loses_and_repeats_no_rung_result(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["--budget", "0.25", "--trials", "4", "--rungs", "0,1,6", "--eta", "2", "--seed", "3"]
+    args += ["--promote", "continue"]  # the path with rung weights to keep and find again
     cmd = [sys.executable, "-m", "fga_search._cli", *args, "--out", str(run), "--front-latency-runs", "0"]
     env = cli_env(tmp_path, session_cache=True)  # the session's quickstart model
     proc = subprocess.Popen(

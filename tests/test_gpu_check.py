@@ -62,8 +62,8 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(shared: Path, tmp_path: Pa
     ]  # fmt: skip
     fidelity = (out / "fidelity.txt").read_text()  # the multi-fidelity part's code path (--fidelity)
     assert re.search(r"^\| single \| 0 \| \d+\.\d+ % \|", fidelity, re.M), fidelity
-    assert re.search(r"^\| continue \| 0 \| \d+\.\d+ % \|", fidelity, re.M), fidelity
-    assert "continue vs single, best val within budget:" in fidelity
+    assert re.search(r"^\| rerun \| 0 \| \d+\.\d+ % \|", fidelity, re.M), fidelity
+    assert "rerun vs single, best val within budget:" in fidelity
     gpu = (out / "gpu.txt").read_text()
     assert "dry run on the CPU" in gpu
     assert re.search(

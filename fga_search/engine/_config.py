@@ -111,9 +111,9 @@ class RunConfig:
         3, help="with --rungs: the promotion ratio, an integer >= 2 (default {default})", group=SEARCH
     )
     promote: str = option(
-        "continue",
-        help="with --rungs: a promoted plan continues from its weights at the rung below (default) or "
-        "reruns from the decomposed model",
+        "rerun",
+        help="with --rungs: a promoted plan reruns its rung's epochs from the decomposed model "
+        "(default: led by more per unit of compute) or continues from its weights at the rung below",
         group=SEARCH,
         choices=PROMOTE,
     )
