@@ -113,7 +113,7 @@ class RunConfig:
     promote: str = option(
         "rerun",
         help="with --rungs: a promoted plan reruns its rung's epochs from the decomposed model "
-        "(default: led by more per unit of compute) or continues from its weights at the rung below",
+        "(default: better per unit of compute in bench_fidelity) or continues from its weights at the rung below",
         group=SEARCH,
         choices=PROMOTE,
     )

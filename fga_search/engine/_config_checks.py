@@ -83,7 +83,7 @@ def check(config: RunConfig) -> None:
         if config.epochs not in (1.0, rungs.epochs[-1]):  # 1.0: the default, left unset
             raise ValueError(f"--rungs gives each rung's fine-tuning epochs: drop --epochs {config.epochs:g}")
         object.__setattr__(config, "epochs", rungs.epochs[-1])  # a trial's most: the top rung's
-    elif config.eta != 3 or config.promote != "rerun":
+    elif any(getattr(config, f.name) != f.default for f in fields(config) if f.name in ("eta", "promote")):
         raise ValueError("--eta and --promote need --rungs (e.g. --rungs 0,0.1,0.3)")
     if config.population is not None and config.population < 2:
         bad("population", config.population, "must be >= 2")
